@@ -1,0 +1,373 @@
+"""Typed run configuration, and the bridge between Hydra's `conf/` tree and Flower's run_config.
+
+Hydra composes `conf/` against the dataclasses below (registered as the `schema` node), so an
+unknown key or a value of the wrong type fails at compose time, before any model is loaded.
+`OmegaConf.to_object` then builds the dataclasses, whose `__post_init__` checks value ranges.
+"""
+
+from __future__ import annotations
+
+import re
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "dataset", "strategy", "selection", "federation")
+# Flower run_config keys that are not Hydra keys.
+RUN_CONFIG_OVERRIDES_KEY = "overrides"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+def _choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        _positive("model.lora.r", self.r)
+        _positive("model.lora.alpha", self.alpha)
+        _fraction("model.lora.dropout", self.dropout)
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules must name at least one module")
+
+
+@dataclass
+class TinySettings:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+@dataclass
+class ModelSettings:
+    name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    gguf_file: str | None = None
+    offline_fallback: str | None = "smollm2-gguf"
+    quantization: str = "4bit"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tiny: TinySettings = field(default_factory=TinySettings)
+
+    def __post_init__(self) -> None:
+        _choice("model.quantization", self.quantization, ("4bit", "8bit", "none"))
+        _choice("model.offline_fallback", self.offline_fallback, ("smollm2-gguf", None))
+
+
+@dataclass
+class FieldSettings:
+    instruction: str = "instruction"
+    context: str | None = "context"
+    response: str = "response"
+    category: str | None = "category"
+
+
+@dataclass
+class DatasetSettings:
+    name: str = "synthetic"
+    source: str | None = None
+    format: str = "auto"
+    fields: FieldSettings = field(default_factory=FieldSettings)
+    partitioner: str = "pathological"
+    label_column: str | None = "category"
+    alpha: float = 0.5
+    shards_per_partition: int = 2
+    holdout_per_category: int = 10
+    test_source: str | None = None
+    test_fraction: float = 0.02
+    samples_per_client: int = 64
+    test_samples: int = 40
+
+    def __post_init__(self) -> None:
+        _choice("dataset.name", self.name, ("synthetic", "dolly", "alpaca", "custom"))
+        _choice("dataset.format", self.format, ("auto", "dolly", "alpaca", "generic"))
+        _choice(
+            "dataset.partitioner",
+            self.partitioner,
+            ("iid", "dirichlet", "pathological", "prepartitioned"),
+        )
+        _positive("dataset.alpha", self.alpha)
+        _positive("dataset.shards_per_partition", self.shards_per_partition)
+        _positive("dataset.samples_per_client", self.samples_per_client)
+        _fraction("dataset.test_fraction", self.test_fraction)
+        if self.name != "synthetic" and not self.source:
+            raise ConfigError(f"dataset.source is required for dataset={self.name}")
+        if self.partitioner in ("dirichlet", "pathological") and not self.label_column:
+            raise ConfigError(f"dataset.label_column is required for partitioner={self.partitioner}")
+
+
+@dataclass
+class FedBiOTSettings:
+    adapter_layers: int = 2
+    drop_ratio: float = 0.5
+    align: bool = True
+    pre_align_steps: int = 20
+    align_steps: int = 5
+    align_lr: float = 1e-4
+    kl_weight: float = 1.0
+    layerwise: bool = False
+    proximal_eps: float = 0.01
+    uniform_weights: bool = False
+    public_dataset: str = "synthetic"
+    public_samples: int = 64
+
+    def __post_init__(self) -> None:
+        _positive("strategy.fedbiot.adapter_layers", self.adapter_layers)
+        if not 0.0 <= self.drop_ratio < 1.0:
+            raise ConfigError(f"strategy.fedbiot.drop_ratio must be in [0, 1), got {self.drop_ratio}")
+        _positive("strategy.fedbiot.pre_align_steps", self.pre_align_steps, allow_zero=True)
+        _positive("strategy.fedbiot.align_steps", self.align_steps, allow_zero=True)
+        _positive("strategy.fedbiot.proximal_eps", self.proximal_eps, allow_zero=True)
+
+
+@dataclass
+class StrategySettings:
+    name: str = "fedit"
+    server_optimizer: str = "none"
+    server_lr: float = 1e-2
+    server_momentum: float = 0.9
+    proximal_mu: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    reject_norm_ratio: float = 10.0  # reject an update whose norm is over this x the median
+    fedbiot: FedBiOTSettings = field(default_factory=FedBiOTSettings)
+
+    def __post_init__(self) -> None:
+        _choice("strategy.name", self.name, ("fedit", "fedbiot"))
+        _choice(
+            "strategy.server_optimizer",
+            self.server_optimizer,
+            ("none", "fedadam", "fedyogi", "fedavgm", "fedprox"),
+        )
+        _positive("strategy.server_lr", self.server_lr)
+
+
+@dataclass
+class FedHDSSettings:
+    feature_model: str | None = "global"
+    reducer: str = "tsne"
+    min_cluster_size: int = 2
+    server_min_cluster_size: int = 2
+    keep_noise: bool = False
+    noise_sigma: float = 0.0
+    feature_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _choice("selection.fedhds.reducer", self.reducer, ("tsne", "pca"))
+        if self.min_cluster_size < 2:
+            raise ConfigError("selection.fedhds.min_cluster_size must be >= 2")
+        if self.server_min_cluster_size < 2:
+            raise ConfigError("selection.fedhds.server_min_cluster_size must be >= 2")
+        _positive("selection.fedhds.noise_sigma", self.noise_sigma, allow_zero=True)
+
+
+@dataclass
+class RandomSettings:
+    ratio: float | None = None
+    count: int | None = 8
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.count is None):
+            raise ConfigError("set exactly one of selection.random.ratio and selection.random.count")
+        if self.ratio is not None:
+            _fraction("selection.random.ratio", self.ratio)
+        if self.count is not None:
+            _positive("selection.random.count", self.count)
+
+
+@dataclass
+class SelectionSettings:
+    name: str = "all"
+    reselect_every: int = 1
+    fedhds: FedHDSSettings = field(default_factory=FedHDSSettings)
+    random: RandomSettings = field(default_factory=RandomSettings)
+
+    def __post_init__(self) -> None:
+        _choice("selection.name", self.name, ("all", "random", "fedhds"))
+        _positive("selection.reselect_every", self.reselect_every)
+
+
+@dataclass
+class FederationSettings:
+    num_clients: int = 3
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    client_cpus: int = 2
+    client_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("federation.num_clients", self.num_clients)
+        _fraction("federation.fraction_train", self.fraction_train)
+        _positive("federation.min_train_nodes", self.min_train_nodes)
+        _positive("federation.round_timeout", self.round_timeout)
+
+
+@dataclass
+class TrainSettings:
+    local_steps: int = 10
+    local_epochs: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    template: str = "alpaca"
+    mask_prompt: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("train.local_steps", self.local_steps, allow_zero=True)
+        _positive("train.local_epochs", self.local_epochs, allow_zero=True)
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError("set train.local_steps or train.local_epochs to a value > 0")
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.lr", self.lr)
+        _positive("train.max_length", self.max_length)
+        _choice("train.template", self.template, ("alpaca", "chat"))
+
+
+@dataclass
+class EvalSettings:
+    every: int = 1
+    max_samples: int = 40
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    federated: bool = False
+    federated_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive("eval.every", self.every, allow_zero=True)
+        _positive("eval.max_samples", self.max_samples, allow_zero=True)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.batch_size", self.batch_size)
+        _fraction("eval.federated_fraction", self.federated_fraction)
+
+
+@dataclass
+class RunConfig:
+    """The whole run: what `conf/config.yaml` composes into."""
+
+    seed: int = 42
+    num_rounds: int = 3
+    output_dir: str = "outputs"
+    resume: bool = False
+    model: ModelSettings = field(default_factory=ModelSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        _positive("num_rounds", self.num_rounds)
+
+
+ConfigStore.instance().store(name="schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Validate a composed DictConfig and turn it into typed settings."""
+    try:
+        OmegaConf.resolve(cfg)
+        run_config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from err
+    assert isinstance(run_config, RunConfig)
+    return run_config
+
+
+def compose_config(overrides: Iterable[str] = ()) -> RunConfig:
+    """Compose `conf/` with Hydra overrides (`key=value`), validated."""
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_omegaconf_message(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    return to_run_config(cfg)
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
+    """Turn Flower's flat run_config into Hydra overrides.
+
+    Group choices (`model = "tiny"`) become group overrides; other keys (`train.lr = 0.001`)
+    become value overrides; empty strings mean "keep conf/'s value"; the free-form
+    `overrides` key carries any further Hydra overrides separated by spaces.
+    """
+    overrides: list[str] = []
+    extra = str(run_config.get(RUN_CONFIG_OVERRIDES_KEY, "") or "")
+    for key, value in run_config.items():
+        if key == RUN_CONFIG_OVERRIDES_KEY or value == "":
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        overrides.append(f"{key}={value}")
+    overrides.extend(extra.split())
+    return overrides
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """What both apps call: rebuild the nested config from Flower's flat run_config."""
+    return compose_config(overrides_from_run_config(run_config))
+
+
+def to_container(cfg: RunConfig) -> dict[str, Any]:
+    """Plain nested dict (for saving the resolved config)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def _omegaconf_message(err: Exception) -> str:
+    """Hydra/OmegaConf errors are long; keep the line that names the key and the cause."""
+    causes: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return str(cause)
+        causes.append(cause)
+        cause = cause.__cause__
+    first_line = str(err).strip().splitlines()[0]
+    unknown = re.match(r"Could not override '([^']+)'", first_line)
+    if unknown:
+        return f"unknown config key '{unknown.group(1)}'"
+    details = [str(c).strip().splitlines()[0] for c in causes[1:] if str(c).strip()]
+    return "; ".join(["invalid configuration: " + first_line, *details])

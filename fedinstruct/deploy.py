@@ -1,0 +1,551 @@
+"""Run fedinstruct (or any Flower app) on a real SuperLink + SuperNodes topology on this host.
+
+Each component runs as its own Flower process, by default in its own network namespace (see
+`deploy_network`), with TLS and SuperNode authentication as on separate machines:
+
+    with LocalDeployment(app_dir=".", num_nodes=2, tls=True, auth=True) as dep:
+        result = dep.run(timeout=600, run_config={"num-server-rounds": 1})
+        assert result.ok, result.logs
+
+`Topology` builds the exact command lines; docker/compose*.yaml is generated from it
+(scripts/compose-nodes.py), so Compose and local deployments run the same flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+from fedinstruct.deploy_network import Network, ensure_port_free, free_port, open_network
+from fedinstruct.deploy_process import (
+    DeploymentError,
+    Harvester,
+    ManagedProcess,
+    describe,
+    flower_env,
+    flower_executable,
+    living,
+    start_process,
+    stop_managed,
+    stop_processes,
+    wait_for_log,
+)
+
+__all__ = ["DeploymentError", "LocalDeployment", "RunResult", "RunTimeout", "Topology"]
+
+log = logging.getLogger("fedinstruct.deploy")
+
+SUPERLINK_PORT = 9093  # Control, Fleet and Runtime APIs share one HTTP port in Flower 1.41
+SUPERNODE_RUNTIME_PORT = 9094  # the SuperNode's local API for its ClientApp processes
+CONNECTION = "fedinstruct"  # connection name written to FLWR_HOME/config.toml
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+ConfigValue = str | int | float | bool
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RunTimeout(DeploymentError):
+    """A run did not finish in time; it has been stopped. `logs` holds what it printed."""
+
+    def __init__(self, message: str, logs: str) -> None:
+        super().__init__(message)
+        self.logs = logs
+
+
+def format_config(config: Mapping[str, ConfigValue]) -> str:
+    """`key=value ...` as `--node-config` parses it (strings quoted, TOML scalars)."""
+    parts = []
+    for key, value in config.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+            raise ValueError(f"node-config key {key!r}: use letters, digits, '_', '-', '.'")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif isinstance(value, str) and '"' not in value and "'" not in value:
+            text = f'"{value}"'
+        else:
+            raise ValueError(f"node-config {key}={value!r}: need a number, bool or unquoted str")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+@dataclass
+class Topology:
+    """One SuperLink and `num_nodes` SuperNodes; builds every component's command line."""
+
+    num_nodes: int = 2
+    tls: bool = True
+    auth: bool = True
+    superlink_port: int = SUPERLINK_PORT
+    node_runtime_port: int = SUPERNODE_RUNTIME_PORT
+    data_paths: Sequence[str] | None = None  # adds data-path=... to node i's config
+    node_configs: Sequence[Mapping[str, ConfigValue]] | None = None  # replaces the defaults
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        if self.auth and not self.tls:
+            raise ValueError("auth=True needs tls=True: Flower refuses node auth without TLS")
+        for name, seq in (("data_paths", self.data_paths), ("node_configs", self.node_configs)):
+            if seq is not None and len(seq) != self.num_nodes:
+                raise ValueError(f"{name} has {len(seq)} entries for {self.num_nodes} nodes")
+
+    def node_name(self, index: int) -> str:
+        return f"node-{index}"
+
+    def node_config(self, index: int) -> dict[str, ConfigValue]:
+        if self.node_configs is not None:
+            return dict(self.node_configs[index])
+        config: dict[str, ConfigValue] = {"partition-id": index, "num-partitions": self.num_nodes}
+        if self.data_paths is not None:
+            config["data-path"] = str(self.data_paths[index])
+        return config
+
+    def superlink_args(self, *, host: str, certs_dir: Path | None, database: str | None,
+                       port: int | None = None) -> list[str]:
+        """Arguments of `flower-superlink` (after the program name)."""
+        args: list[str] = []
+        if self.tls:
+            certs = _require(certs_dir, "certs_dir")
+            args += ["--ssl-ca-certfile", str(certs / "ca.crt"),
+                     "--ssl-certfile", str(certs / "server.pem"),
+                     "--ssl-keyfile", str(certs / "server.key")]
+        else:
+            args.append("--insecure")
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        if database is not None:
+            args += ["--database", database]
+        args += ["--host", host, "--port", str(port or self.superlink_port),
+                 "--disable-runtime-dependency-installation"]
+        return args
+
+    def supernode_args(self, index: int, *, superlink: str, certs_dir: Path | None,
+                       keys_dir: Path | None, host: str = "127.0.0.1", port: int | None = None,
+                       node_config: Mapping[str, ConfigValue] | None = None,
+                       key_name: str | None = None) -> list[str]:
+        """Arguments of `flower-supernode` for node `index` (after the program name)."""
+        args = ["--superlink", superlink]
+        if self.tls:
+            args += ["--root-certificates", str(_require(certs_dir, "certs_dir") / "ca.crt")]
+        else:
+            args.append("--insecure")
+        if self.auth:
+            key = _require(keys_dir, "keys_dir") / (key_name or self.node_name(index))
+            args += ["--auth-supernode-private-key", str(key)]
+        config = self.node_config(index) if node_config is None else node_config
+        args += ["--node-config", format_config(config),
+                 "--host", host, "--port", str(port or self.node_runtime_port)]
+        return args
+
+
+def _require_index(index: int | None) -> int:
+    if index is None:
+        raise ValueError("a node outside the topology needs node_config")
+    return index
+
+
+def _require(value: Path | None, name: str) -> Path:
+    if value is None:
+        raise ValueError(f"{name} is required with this topology (tls/auth enabled)")
+    return value
+
+
+@dataclass
+class RunResult:
+    """How a run ended: `status` is Flower's (e.g. finished:completed), `logs` its output."""
+
+    run_id: int
+    status: str
+    logs: str
+    elapsed_s: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+@dataclass
+class NodeHandle:
+    """A started SuperNode."""
+
+    name: str
+    index: int | None
+    argv: list[str]
+    env: dict[str, str]
+    process: ManagedProcess
+    member: str
+    node_id: int | None = None
+
+
+class RunHandle:
+    """A submitted run whose logs are being streamed; `wait()` gives its RunResult."""
+
+    def __init__(self, deployment: LocalDeployment, run_id: int, stream: ManagedProcess) -> None:
+        self.deployment, self.run_id, self.stream = deployment, run_id, stream
+        self.started = time.monotonic()
+
+    def status(self) -> dict[str, Any]:
+        runs = self.deployment.flwr_json("ls", CONNECTION, "--run-id", str(self.run_id))["runs"]
+        return runs[0]
+
+    def wait(self, timeout: float = 600.0) -> RunResult:
+        deadline = self.started + timeout
+        while self.stream.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        details = self.status()
+        while not details["status"].startswith("finished") and time.monotonic() < deadline:
+            time.sleep(2.0)  # the log stream ended early (e.g. a lost connection): poll
+            details = self.status()
+        logs = ANSI.sub("", self.stream.log_text())
+        if not details["status"].startswith("finished"):
+            self.deployment.flwr("stop", str(self.run_id), CONNECTION, check=False)
+            stop_managed(self.stream)
+            raise RunTimeout(f"run {self.run_id} not finished after {timeout:.0f} s "
+                             f"(status {details['status']}); stopped it", logs)
+        stop_managed(self.stream)
+        result = RunResult(self.run_id, details["status"], ANSI.sub("", self.stream.log_text()),
+                           time.monotonic() - self.started, details)
+        log.info("run %d: %s after %.1f s", self.run_id, result.status, result.elapsed_s)
+        return result
+
+
+class LocalDeployment:
+    """SuperLink + SuperNodes as separate processes (and network namespaces) on this host.
+
+    Use as a context manager: entering starts everything (certificates, keys, SuperLink,
+    node registration, SuperNodes); leaving stops every process and checks none is left.
+    Logs and generated files go to `workdir`; without one, a temporary folder that is removed
+    after a clean stop unless keep_workdir=True.
+    """
+
+    def __init__(self, app_dir: str | Path, num_nodes: int = 2, *, tls: bool = True,
+                 auth: bool = True, run_config: Mapping[str, ConfigValue] | None = None,
+                 data_paths: Sequence[str] | None = None,
+                 node_configs: Sequence[Mapping[str, ConfigValue]] | None = None,
+                 isolation: str = "auto", workdir: str | Path | None = None,
+                 database: str | None = "state.db", superlink_port: int | None = None,
+                 env: Mapping[str, str] | None = None,
+                 node_env: Sequence[Mapping[str, str]] | None = None,
+                 start_timeout: float = 120.0, keep_workdir: bool = False) -> None:
+        self.app_dir = Path(app_dir).resolve()
+        if not (self.app_dir / "pyproject.toml").is_file():
+            raise DeploymentError(f"app_dir {self.app_dir} has no pyproject.toml")
+        self.topology = Topology(num_nodes=num_nodes, tls=tls, auth=auth, data_paths=data_paths,
+                                 node_configs=node_configs)
+        if node_env is not None and len(node_env) != num_nodes:
+            raise ValueError(f"node_env has {len(node_env)} entries for {num_nodes} nodes")
+        self.run_config = dict(run_config or {})
+        self.isolation, self.database = isolation, database
+        self.requested_port, self.start_timeout = superlink_port, start_timeout
+        self.env, self.node_env = dict(env or {}), list(node_env or [{}] * num_nodes)
+        self._tmp = None if workdir else tempfile.mkdtemp(prefix="fedinstruct-deploy-")
+        self.keep_workdir = keep_workdir
+        self.workdir = Path(workdir or self._tmp).resolve()
+        self.certs_dir = self.workdir / "certs" if tls else None
+        self.keys_dir = self.workdir / "keys" if auth else None
+        self.ctl_home = self.workdir / "ctl" / "flwr-home"
+        self.network: Network | None = None
+        self.superlink: ManagedProcess | None = None
+        self.superlink_address = ""
+        self.nodes: dict[str, NodeHandle] = {}
+        self._streams: list[ManagedProcess] = []
+        self._runs = 0
+        self._harvester = Harvester()
+
+    # ----------------------------------------------------------------- lifecycle
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop(check=False)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(check=exc[0] is None)
+
+    def start(self) -> None:
+        """Network, certificates, keys, SuperLink, registration, then every SuperNode."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._harvester.start()
+        log.info("deployment: %d nodes, tls=%s, auth=%s, workdir %s", self.topology.num_nodes,
+                 self.topology.tls, self.topology.auth, self.workdir)
+        self.network = open_network(self.isolation)
+        link_host = self.network.add_member("superlink")
+        self.network.add_member("ctl")
+        if self.network.isolated:
+            port, bind = self.requested_port or SUPERLINK_PORT, "0.0.0.0"
+        else:
+            bind = link_host
+            port = self.requested_port or free_port(link_host)
+            ensure_port_free(link_host, port, "SuperLink")
+        self.superlink_address = f"{link_host}:{port}"
+        if self.certs_dir is not None:
+            self._script("make-certs.sh", str(self.certs_dir), "localhost", "127.0.0.1", link_host)
+        if self.keys_dir is not None:
+            names = [self.topology.node_name(i) for i in range(self.topology.num_nodes)]
+            self._script("make-node-keys.sh", str(self.keys_dir), *names)
+        self._write_connection()
+        self._start_superlink(bind, port)
+        names = [self.topology.node_name(i) for i in range(self.topology.num_nodes)]
+        node_ids = self._register(*names) if self.keys_dir is not None else {}
+        for index, name in enumerate(names):
+            self.add_node(name, index=index, wait=False, register=False)
+            self.nodes[name].node_id = node_ids.get(name)
+        for handle in list(self.nodes.values()):
+            self.wait_node(handle.name)
+        log.info("deployment ready: SuperLink %s (%s network), nodes %s", self.superlink_address,
+                 self.network.kind, {n: h.node_id for n, h in self.nodes.items()})
+
+    def stop(self, check: bool = True) -> None:
+        """Stop runs' log streams, nodes, SuperLink; remove namespaces; verify nothing is left."""
+        errors = []
+        # Nodes first (they deactivate themselves at the SuperLink), then the SuperLink.
+        phases = [[*self._streams, *(h.process for h in self.nodes.values())],
+                  [self.superlink] if self.superlink else []]
+        for phase in phases:
+            try:
+                stop_managed(*phase)
+            except DeploymentError as err:
+                errors.append(str(err))
+        self._harvester.close()
+        if self.network is not None:
+            stop_processes([psutil.Process(p) for p in self.network.pids() if psutil.pid_exists(p)])
+        left = self.leftover_processes()
+        if self.network is not None:
+            try:
+                self.network.close()
+            except RuntimeError as err:
+                errors.append(str(err))
+        if left:
+            errors.append(f"processes left after stop: {describe(left)}")
+        log.info("deployment stopped%s", f" with errors: {errors}" if errors else "")
+        if self._tmp and not errors and not self.keep_workdir:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        if errors and check:
+            raise DeploymentError("; ".join(errors))
+
+    def leftover_processes(self) -> list[psutil.Process]:
+        """Processes of this deployment still running (should be empty after stop())."""
+        tracked: dict[int, psutil.Process] = {}
+        for proc in [*self._streams, *(h.process for h in self.nodes.values())]:
+            tracked.update(proc.tracked)
+        if self.superlink is not None:
+            tracked.update(self.superlink.tracked)
+        if self.network is not None:
+            for pid in self.network.pids():
+                try:
+                    tracked.setdefault(pid, psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    continue
+        return living(tracked.values())
+
+    # ----------------------------------------------------------------- components
+    def _script(self, name: str, *args: str) -> None:
+        script = SCRIPTS / name
+        if not script.is_file():
+            raise DeploymentError(f"{script} not found: run from a fedinstruct source checkout")
+        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+            raise DeploymentError(f"{name} failed: {result.stderr.strip()}")
+        log.info("%s: %s", name, result.stdout.strip().replace("\n", "; "))
+
+    def _write_connection(self) -> None:
+        connection: dict[str, Any] = {"address": self.superlink_address}
+        if self.certs_dir is not None:
+            connection["root-certificates"] = str(self.certs_dir / "ca.crt")
+        else:
+            connection["insecure"] = True
+        self.ctl_home.mkdir(parents=True, exist_ok=True)
+        text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+        (self.ctl_home / "config.toml").write_text(text)
+        log.info("flwr connection %r -> %s in %s", CONNECTION, self.superlink_address,
+                 self.ctl_home / "config.toml")
+
+    def _member_env(self, member: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        return flower_env(self.workdir / member / "flwr-home", {**self.env, **(extra or {})})
+
+    def _start_superlink(self, bind: str, port: int) -> None:
+        assert self.network is not None
+        database = None
+        if self.database is not None:
+            database = self.database if self.database.startswith(":") else str(
+                (self.workdir / "superlink" / self.database).resolve())
+        argv = [*self.network.exec_prefix("superlink"), flower_executable("flower-superlink"),
+                *self.topology.superlink_args(host=bind, port=port, certs_dir=self.certs_dir,
+                                              database=database)]
+        self.superlink = self._harvester.watch(start_process(
+            "superlink", argv, self.workdir / "superlink.log", self._member_env("superlink")))
+        wait_for_log(self.superlink, r"Starting Flower SuperExec", self.start_timeout,
+                     failure_patterns=[r"address already in use", r"Exit Code: \d+"])
+
+    def add_node(self, name: str, *, index: int | None = None,
+                 node_config: Mapping[str, ConfigValue] | None = None, register: bool = True,
+                 wait: bool = True) -> NodeHandle:
+        """Start a SuperNode. index selects a topology node; others need node_config.
+
+        register=False starts a node whose key the SuperLink does not know (auth refuses it).
+        """
+        assert self.network is not None
+        if name in self.nodes:
+            raise DeploymentError(f"node {name!r} exists; use restart_node")
+        if index is None and node_config is None:
+            raise ValueError(f"node {name!r}: give index or node_config")
+        member = f"n{len(self.nodes)}"
+        address = self.network.add_member(member)
+        if self.keys_dir is not None and not (self.keys_dir / name).exists():
+            self._script("make-node-keys.sh", str(self.keys_dir), name)
+        node_id = None
+        if self.keys_dir is not None and register:
+            node_id = self._register(name)[name]
+        host = "127.0.0.1" if self.network.isolated else address
+        port = None if self.network.isolated else free_port(host)
+        if node_config is None:
+            node_config = self.topology.node_config(_require_index(index))
+        args = self.topology.supernode_args(
+            index or 0, superlink=self.superlink_address, certs_dir=self.certs_dir,
+            keys_dir=self.keys_dir, host=host, port=port, key_name=name, node_config=node_config)
+        argv = [*self.network.exec_prefix(member), flower_executable("flower-supernode"), *args]
+        env = self._member_env(name, self.node_env[index] if index is not None else {})
+        process = self._harvester.watch(start_process(name, argv, self.workdir / f"{name}.log",
+                                                      env))
+        handle = NodeHandle(name, index, argv, env, process, member, node_id)
+        self.nodes[name] = handle
+        if wait:
+            self.wait_node(name)
+        return handle
+
+    def wait_node(self, name: str, offset: int = 0) -> int:
+        """Wait until the node is connected; return its node id."""
+        handle = self.nodes[name]
+        match = wait_for_log(handle.process, r"SuperNode ID: (\d+)", self.start_timeout,
+                             offset=offset, failure_patterns=[r"Exit Code: \d+"])
+        handle.node_id = int(match.group(1))
+        log.info("node %s connected as %d", name, handle.node_id)
+        return handle.node_id
+
+    def _register(self, *names: str) -> dict[str, int]:
+        """Register the nodes' public keys with `flwr supernode register`, concurrently."""
+        assert self.keys_dir is not None and self.network is not None
+        calls = {name: subprocess.Popen(
+            [*self.network.exec_prefix("ctl"), flower_executable("flwr"), "supernode",
+             "register", str(self.keys_dir / f"{name}.pub"), CONNECTION, "--format", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=flower_env(self.ctl_home, self.env)) for name in names}
+        node_ids = {}
+        for name, call in calls.items():
+            out, _ = call.communicate(timeout=self.start_timeout)
+            if call.returncode != 0:
+                raise DeploymentError(f"registering {name} failed:\n{ANSI.sub('', out)}")
+            node_ids[name] = int(_parse_json(out, "flwr supernode register")["node-id"])
+            log.info("registered %s as node %d", name, node_ids[name])
+        return node_ids
+
+    def kill_node(self, name_or_index: str | int, sig: int = signal.SIGKILL) -> None:
+        """Stop a node and everything it spawned (SIGKILL by default: like a crash)."""
+        handle = self.nodes[self._name(name_or_index)]
+        log.info("killing node %s with signal %d", handle.name, sig)
+        stop_managed(handle.process, sig=sig)
+
+    def restart_node(self, name_or_index: str | int, wait: bool = True) -> NodeHandle:
+        """Start a stopped (or running: it is stopped first) node again with the same command."""
+        handle = self.nodes[self._name(name_or_index)]
+        if handle.process.alive():
+            stop_managed(handle.process)
+        offset = handle.process.log_path.stat().st_size if handle.process.log_path.exists() else 0
+        old = handle.process
+        handle.process = self._harvester.watch(
+            start_process(handle.name, handle.argv, old.log_path, handle.env))
+        handle.process.tracked.update(old.tracked)
+        if wait:
+            self.wait_node(handle.name, offset=offset)
+        return handle
+
+    def _name(self, name_or_index: str | int) -> str:
+        name = (self.topology.node_name(name_or_index) if isinstance(name_or_index, int)
+                else name_or_index)
+        if name not in self.nodes:
+            raise KeyError(f"no node {name!r}; nodes: {sorted(self.nodes)}")
+        return name
+
+    # ----------------------------------------------------------------- flwr CLI
+    def flwr(self, *args: str, check: bool = True, timeout: float = 120.0
+             ) -> subprocess.CompletedProcess[str]:
+        """Run the `flwr` CLI as the operator (in its namespace, with the deployment's config)."""
+        assert self.network is not None
+        argv = [*self.network.exec_prefix("ctl"), flower_executable("flwr"), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                env=flower_env(self.ctl_home, self.env), check=False)
+        if check and result.returncode != 0:
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n"
+                                  f"{ANSI.sub('', result.stdout + result.stderr).strip()}")
+        return result
+
+    def flwr_json(self, *args: str) -> dict[str, Any]:
+        """Run `flwr ... --format json` and parse its answer."""
+        return _parse_json(self.flwr(*args, "--format", "json").stdout, f"flwr {args[0]}")
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        """The SuperLink's view of the nodes (`flwr supernode ls`)."""
+        return self.flwr_json("supernode", "ls", CONNECTION)["nodes"]
+
+    def start_run(self, run_config: Mapping[str, ConfigValue] | None = None,
+                  app_dir: str | Path | None = None) -> RunHandle:
+        """Submit the app (`flwr run APP fedinstruct --stream`) and return once it has a run id."""
+        assert self.network is not None
+        self._runs += 1
+        config = {**self.run_config, **(run_config or {})}
+        argv = [*self.network.exec_prefix("ctl"), flower_executable("flwr"), "run",
+                str(Path(app_dir).resolve() if app_dir else self.app_dir), CONNECTION, "--stream"]
+        if config:
+            path = self.workdir / "ctl" / f"run-config-{self._runs}.toml"
+            path.write_text(tomli_w.dumps(_nest(config)))
+            argv += ["--run-config", str(path)]
+        stream = self._harvester.watch(start_process(
+            f"run-{self._runs}", argv, self.workdir / f"run-{self._runs}.log",
+            flower_env(self.ctl_home, self.env)))
+        self._streams.append(stream)
+        match = wait_for_log(stream, r"Successfully started run (\d+)", self.start_timeout)
+        log.info("run %s started", match.group(1))
+        return RunHandle(self, int(match.group(1)), stream)
+
+    def run(self, timeout: float = 600.0, run_config: Mapping[str, ConfigValue] | None = None,
+            app_dir: str | Path | None = None) -> RunResult:
+        """Submit a run and wait for it to finish; RunTimeout if it does not in time."""
+        return self.start_run(run_config, app_dir).wait(timeout)
+
+
+def _parse_json(out: str, what: str) -> dict[str, Any]:
+    start, end = out.find("{"), out.rfind("}")
+    if start < 0:
+        raise DeploymentError(f"`{what}` printed no JSON: {out!r}")
+    return json.loads(out[start:end + 1])
+
+
+def _nest(config: Mapping[str, ConfigValue]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the TOML form Flower flattens back to "a.b"."""
+    nested: dict[str, Any] = {}
+    for key, value in config.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+

@@ -1,0 +1,181 @@
+"""A client's local work: its data, its cached model, training, selection and evaluation.
+
+One `LocalClient` per (run config, partition) lives for the whole process: the base model is
+loaded and quantized once, the data is tokenized once, and each message only swaps the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from flwr.app import Message
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedTokenizerBase
+
+from fedinstruct import modeling
+from fedinstruct.config import RunConfig
+from fedinstruct.data import TokenizedExample, build_prompt, tokenize_dataset
+from fedinstruct.evaluation import response_loss
+from fedinstruct.run_data import client_dataset, local_file_dataset
+from fedinstruct.training import TrainResult, train_lora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    load_seconds: float
+    # which LoRA tensors go back to the server (FedBiOT: the adapter's only)
+    upload: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
+_MODELS: dict[str, LoadedModel] = {}
+
+
+def client_model(cfg: RunConfig, msg: Message) -> tuple[LoadedModel, bool]:
+    """The model this client trains: the base LLM, or FedBiOT's emulator + adapter."""
+    if cfg.strategy.name == "fedbiot":
+        from fedinstruct.fedbiot_client import compressed_client_model
+
+        return compressed_client_model(cfg, msg)
+    return shared_model(cfg)
+
+
+def shared_model(cfg: RunConfig) -> tuple[LoadedModel, bool]:
+    """The process's base model with LoRA attached, loaded on first use only.
+
+    Returns the model and whether this call loaded it.
+    """
+    key = repr(cfg.model)
+    if key in _MODELS:
+        return _MODELS[key], False
+    start = time.perf_counter()
+    base, tokenizer = modeling.load_base_model(cfg.model)
+    model = modeling.add_lora(base, cfg.model)
+    _MODELS[key] = LoadedModel(model, tokenizer, time.perf_counter() - start)
+    return _MODELS[key], True
+
+
+@dataclass
+class LocalClient:
+    cfg: RunConfig
+    partition_id: int
+    dataset: Dataset
+    examples: list[TokenizedExample] = field(default_factory=list)
+    # index into `examples` for each dataset row (None where the row was dropped)
+    row_to_example: list[int | None] = field(default_factory=list)
+    token_stats: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, node_config: dict[str, Any]) -> LocalClient:
+        partition_id = int(node_config.get("partition-id", 0))
+        num_partitions = int(node_config.get("num-partitions", cfg.federation.num_clients))
+        data_path = node_config.get("data-path")
+        dataset = (
+            local_file_dataset(cfg, str(data_path))
+            if data_path
+            else client_dataset(cfg, partition_id, num_partitions)
+        )
+        return cls(cfg=cfg, partition_id=partition_id, dataset=dataset)
+
+    def prepare(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Tokenize the local data once (dataset order kept; drops counted, not hidden)."""
+        if self.row_to_example:
+            return
+        examples, stats = tokenize_dataset(
+            self.dataset,
+            tokenizer,
+            template=self.cfg.train.template,
+            max_length=self.cfg.train.max_length,
+            mask_prompt=self.cfg.train.mask_prompt,
+        )
+        self.token_stats = stats
+        by_row = {example.source_row: i for i, example in enumerate(examples)}
+        self.row_to_example = [by_row.get(row) for row in range(len(self.dataset))]
+        self.examples = examples
+        if stats["dropped"] or stats["truncated"]:
+            log.info(
+                "partition %d: %d samples, %d truncated, %d dropped (response past max_length)",
+                self.partition_id, len(self.dataset), stats["truncated"], stats["dropped"],
+            )
+
+    def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Prompt + response of every local row, in dataset order (selection features)."""
+        return [
+            build_prompt(row, self.cfg.train.template, tokenizer) + row["response"]
+            for row in self.dataset
+        ]
+
+    def examples_for_rows(self, rows: list[int]) -> list[TokenizedExample]:
+        return [self.examples[i] for r in rows if (i := self.row_to_example[r]) is not None]
+
+    def train(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        global_state: dict[str, torch.Tensor],
+        rows: list[int],
+        *,
+        server_round: int,
+        proximal_weight: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], TrainResult]:
+        """Load the global adapter, train on `rows`, return the new LoRA state.
+
+        `proximal_weight` > 0 adds weight * ||theta - theta_round_start||^2 to the loss
+        (FedProx: mu / 2; FedBiOT: eps), a term that carries gradient.
+        """
+        set_peft_model_state_dict(model, global_state)
+        extra_loss = None
+        if proximal_weight > 0:
+            from fedinstruct.proximal import proximal_term, snapshot
+
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            reference = snapshot(trainable)
+
+            def extra_loss() -> torch.Tensor:
+                return proximal_weight * proximal_term(trainable, reference)
+
+        result = train_lora(
+            model,
+            self.examples_for_rows(rows),
+            self.cfg.train,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=self.cfg.seed * 100_003 + server_round * 1_009 + self.partition_id,
+            extra_loss=extra_loss,
+        )
+        state = {k: v.detach().cpu().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return state, result
+
+    def evaluate(
+        self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, global_state: dict[str, torch.Tensor]
+    ) -> tuple[float, int]:
+        """Loss of the global adapter on this client's held-out share (last rows of its data)."""
+        set_peft_model_state_dict(model, global_state)
+        count = max(1, int(len(self.examples) * self.cfg.eval.federated_fraction))
+        held_out = self.examples[-count:]
+        loss = response_loss(model, held_out, pad_token_id=tokenizer.pad_token_id,
+                             batch_size=self.cfg.eval.batch_size)
+        return loss, len(held_out)
+
+
+_CLIENTS: dict[tuple[str, str], LocalClient] = {}
+
+
+def local_client(cfg: RunConfig, node_config: dict[str, Any]) -> LocalClient:
+    key = (repr(cfg), repr(sorted(node_config.items())))
+    if key not in _CLIENTS:
+        _CLIENTS[key] = LocalClient.create(cfg, node_config)
+    return _CLIENTS[key]
+
+
+def as_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in state.items()}

@@ -1,0 +1,232 @@
+"""The server's round loop: selection stage, training, aggregation, evaluation, checkpoint.
+
+Flower's `Strategy.start` runs a fixed train/evaluate loop; FedHDS needs a selection exchange
+before training and every run needs a checkpoint and a metrics row per round, so the loop is
+written out here and drives the strategy through its public `configure_*`/`aggregate_*` API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedinstruct.client_selection import SELECTED_KEY
+from fedinstruct.config import RunConfig
+from fedinstruct.run_output import RunOutput
+from fedinstruct.selection import select_global
+from fedinstruct.server_model import AdapterServer
+
+log = logging.getLogger(__name__)
+
+SELECT_MESSAGE = f"{MessageType.TRAIN}.select"
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of the tensors a message carries (the serialized arrays, headers included)."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+
+
+def _metric(msg: Message, key: str, default: float = 0.0) -> float:
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    return float(metrics.get(key, default)) if metrics is not None else default
+
+
+class FederatedRun:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        grid: Grid,
+        strategy: Strategy,
+        server: AdapterServer,
+        output: RunOutput,
+    ) -> None:
+        self.cfg, self.grid, self.strategy, self.server, self.output = cfg, grid, strategy, server, output
+
+    # -- public -----------------------------------------------------------------------------
+    def run(self) -> ArrayRecord:
+        start_round, arrays = self._start()
+        for server_round in range(start_round, self.cfg.num_rounds + 1):
+            arrays = self._round(server_round, arrays)
+        log.info("Run finished; outputs in %s", self.output.folder)
+        return arrays
+
+    # -- phases -----------------------------------------------------------------------------
+    def _start(self) -> tuple[int, ArrayRecord]:
+        checkpoint = self.output.load_checkpoint() if self.cfg.resume else None
+        if checkpoint is None:
+            if self.cfg.resume:
+                log.info("resume=true but %s holds no checkpoint: starting fresh", self.output.folder)
+            arrays = self.server.initial_arrays()
+            if self.cfg.eval.every > 0:
+                row = {"round": 0, **self.server.evaluate(0, arrays)}
+                self.output.append_metrics(row)
+                log.info("round 0 | %s", _summary(row))
+            return 1, arrays
+        done, tensors, _state = checkpoint
+        adapter = {k[len("global/") :]: v for k, v in tensors.items() if k.startswith("global/")}
+        strategy_state = {
+            k[len("strategy/") :]: v.numpy() for k, v in tensors.items() if k.startswith("strategy/")
+        }
+        server_state = {k[len("server/") :]: v for k, v in tensors.items() if k.startswith("server/")}
+        if hasattr(self.strategy, "load_state_arrays"):
+            self.strategy.load_state_arrays(strategy_state)
+        self.server.load_state_tensors(server_state)
+        self.output.truncate_metrics(done)
+        log.info("Resuming %s after round %d", self.output.folder, done)
+        return done + 1, ArrayRecord(adapter)
+
+    def _round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        cfg = self.cfg
+        row: dict[str, Any] = {"round": server_round}
+        round_start = time.perf_counter()
+
+        t = time.perf_counter()
+        arrays, server_metrics = self.server.before_round(server_round, arrays)
+        row.update(server_metrics)
+        row["time_server_prep"] = time.perf_counter() - t
+
+        selected: dict[int, list[int]] | None = None
+        bytes_down = bytes_up = 0
+        if cfg.selection.name == "fedhds" and (server_round - 1) % cfg.selection.reselect_every == 0:
+            t = time.perf_counter()
+            selected, sel_down, sel_up = self._selection_stage(server_round, arrays, row)
+            bytes_down += sel_down
+            bytes_up += sel_up
+            row["time_selection"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        messages = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
+        if selected is not None:
+            messages = [_with_selection(msg, selected.get(msg.metadata.dst_node_id, [])) for msg in messages]
+        bytes_down += sum(record_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+        row["time_train_phase"] = time.perf_counter() - t
+        ok = [r for r in replies if not r.has_error()]
+        bytes_up += sum(record_bytes(r.content) for r in ok)
+        missing = len(messages) - len(ok)
+        if missing:
+            log.warning("round %d: %d of %d nodes did not reply in time or failed", server_round, missing, len(messages))
+
+        t = time.perf_counter()
+        aggregated, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            arrays = self.server.after_aggregation(arrays, aggregated)
+        row["time_aggregate"] = time.perf_counter() - t
+
+        row.update(self._train_row(ok, train_metrics))
+        row.update({"bytes_down": bytes_down, "bytes_up": bytes_up, "nodes_replied": len(ok)})
+        row["bytes_per_client_down"] = bytes_down / max(len(messages), 1)
+        row["bytes_per_client_up"] = bytes_up / max(len(ok), 1)
+
+        if cfg.eval.federated:
+            row.update(self._federated_evaluation(server_round, arrays))
+        row.update(self.server.evaluate(server_round, arrays))
+
+        t = time.perf_counter()
+        self.server.export(self.output, server_round, arrays)
+        self._checkpoint(server_round, arrays)
+        row["time_checkpoint"] = time.perf_counter() - t
+        row["time_round"] = time.perf_counter() - round_start
+        self.output.append_metrics(row)
+        self.output.plot()
+        log.info("round %d/%d | %s", server_round, cfg.num_rounds, _summary(row))
+        return arrays
+
+    def _selection_stage(
+        self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]
+    ) -> tuple[dict[int, list[int]], int, int]:
+        """FedHDS: centroids up, server clustering, winning local cluster ids down (in train)."""
+        settings = self.cfg.selection.fedhds
+        nodes = list(self.grid.get_node_ids())
+        config = ConfigRecord({"server-round": server_round})
+        messages = [
+            Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=SELECT_MESSAGE)
+            for n in nodes
+        ]
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+                   if not r.has_error()]
+        payload = {}
+        for reply in replies:
+            c = reply.content["centroids"]
+            payload[reply.metadata.src_node_id] = (
+                c["cluster_ids"].numpy(), c["centroids"].numpy(), c["weights"].numpy()
+            )
+        t = time.perf_counter()
+        selected = select_global(
+            payload, min_cluster_size=settings.server_min_cluster_size, keep_noise=settings.keep_noise
+        )
+        row["time_server_clustering"] = time.perf_counter() - t
+        row["local_clusters"] = int(sum(len(p[0]) for p in payload.values()))
+        row["selected_clusters"] = int(sum(len(v) for v in selected.values()))
+        row["time_select_clients"] = max((_metric(r, "time-select") for r in replies), default=0.0)
+        down = sum(record_bytes(m.content) for m in messages)
+        up = sum(record_bytes(r.content) for r in replies)
+        return selected, down, up
+
+    def _train_row(self, replies: list[Message], train_metrics) -> dict[str, Any]:
+        samples = {int(_metric(r, "partition-id")): int(_metric(r, "num-examples")) for r in replies}
+        local = sum(_metric(r, "local-samples") for r in replies)
+        row: dict[str, Any] = {
+            "train_samples": sum(samples.values()),
+            "train_samples_per_client": {str(k): v for k, v in sorted(samples.items())},
+            "train_fraction_of_data": sum(samples.values()) / local if local else 0.0,
+            "train_tokens": int(sum(_metric(r, "train-tokens") for r in replies)),
+            "truncated": int(sum(_metric(r, "truncated") for r in replies)),
+            "dropped": int(sum(_metric(r, "dropped") for r in replies)),
+            "time_client_train": sum(_metric(r, "time-train") for r in replies),
+            "time_client_train_max": max((_metric(r, "time-train") for r in replies), default=0.0),
+            "time_client_load": sum(_metric(r, "time-load") for r in replies),
+        }
+        if train_metrics is not None and "train-loss" in train_metrics:
+            row["train_loss"] = float(train_metrics["train-loss"])
+        return row
+
+    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        return {"fed_eval_loss": float(metrics["eval-loss"])} if metrics and "eval-loss" in metrics else {}
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        tensors = {f"global/{k}": v for k, v in arrays.to_torch_state_dict().items()}
+        if hasattr(self.strategy, "state_arrays"):
+            tensors.update(
+                {f"strategy/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.strategy.state_arrays().items()}
+            )
+        tensors.update({f"server/{k}": v for k, v in self.server.state_tensors().items()})
+        self.output.save_checkpoint(server_round, tensors, {"num_rounds": self.cfg.num_rounds})
+
+
+def _with_selection(msg: Message, cluster_ids: Iterable[int]) -> Message:
+    """A copy of a train message whose config carries this node's winning cluster ids."""
+    config = ConfigRecord(dict(msg.content["config"]))
+    config[SELECTED_KEY] = [int(i) for i in cluster_ids] or [-1]
+    msg.content = RecordDict({"arrays": msg.content["arrays"], "config": config})
+    return msg
+
+
+def _summary(row: dict[str, Any]) -> str:
+    parts = []
+    for key, fmt in (
+        ("eval_loss", "eval_loss {:.4f}"),
+        ("eval_rougeL", "rougeL {:.4f}"),
+        ("emu_eval_rougeL", "emu_rougeL {:.4f}"),
+        ("train_loss", "train_loss {:.4f}"),
+        ("train_samples", "samples {}"),
+        ("bytes_up", "up {:,} B"),
+        ("time_round", "{:.1f} s"),
+    ):
+        if key in row:
+            parts.append(fmt.format(row[key]))
+    return " | ".join(parts)
+
+
+

@@ -1,0 +1,44 @@
+"""fedinstruct ServerApp: compose the config, build the strategy, run the rounds."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedinstruct.config import RunConfig, config_from_run_config, to_container
+from fedinstruct.logs import setup_logging
+from fedinstruct.run_output import RunOutput
+from fedinstruct.runner import FederatedRun
+from fedinstruct.strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
+    """Run a whole federation on `grid` with a validated config."""
+    setup_logging()
+    output = RunOutput(cfg.output_dir)
+    output.save_config(to_container(cfg))
+    log.info(
+        "fedinstruct: strategy=%s selection=%s model=%s rounds=%d -> %s",
+        cfg.strategy.name, cfg.selection.name, cfg.model.name_or_path, cfg.num_rounds, output.folder,
+    )
+    strategy, server = build_strategy(cfg)
+    FederatedRun(cfg, grid, strategy, server, output).run()
+    return output
+
+
+def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
+    """A ServerApp for `cfg`, or (None) one that reads Flower's run_config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg if cfg is not None else config_from_run_config(context.run_config))
+
+    return server_app
+
+
+app = make_server_app()
