@@ -55,8 +55,12 @@ class AdapterAggregation:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._reference = {k: a.numpy() for k, a in arrays.items()}
+        self._reference = self.upload_reference(arrays)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def upload_reference(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The global tensors a client update must match (all of them for FedIT)."""
+        return {k: a.numpy() for k, a in arrays.items()}
 
     def screen_replies(self, replies: Iterable[Message]) -> list[Message]:
         """Keep the replies that may enter the average; log why the others may not."""
