@@ -464,18 +464,35 @@ class LocalDeployment:
         stop_managed(handle.process, sig=sig)
 
     def restart_node(self, name_or_index: str | int, wait: bool = True) -> NodeHandle:
-        """Start a stopped (or running: it is stopped first) node again with the same command."""
+        """Start a stopped (or running: it is stopped first) node again with the same command.
+
+        After a crash (SIGKILL) the SuperLink keeps an authenticated node marked online until
+        its heartbeat lapses (up to 2 x 30 s) and refuses the same identity until then; with
+        wait=True the start is retried until start_timeout.
+        """
         handle = self.nodes[self._name(name_or_index)]
         if handle.process.alive():
             stop_managed(handle.process)
-        offset = handle.process.log_path.stat().st_size if handle.process.log_path.exists() else 0
-        old = handle.process
-        handle.process = self._harvester.watch(
-            start_process(handle.name, handle.argv, old.log_path, handle.env))
-        handle.process.tracked.update(old.tracked)
-        if wait:
-            self.wait_node(handle.name, offset=offset)
-        return handle
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            offset = handle.process.log_path.stat().st_size
+            old = handle.process
+            handle.process = self._harvester.watch(
+                start_process(handle.name, handle.argv, old.log_path, handle.env))
+            handle.process.tracked.update(old.tracked)
+            if not wait:
+                return handle
+            try:
+                self.wait_node(handle.name, offset=offset)
+                return handle
+            except DeploymentError:
+                refused = "Failed to activate SuperNode" in handle.process.log_text()[offset:]
+                if not refused or handle.node_id is None or time.monotonic() > deadline:
+                    raise
+            stop_managed(handle.process)
+            log.info("node %s: SuperLink still sees it online (unclean stop); retrying in 5 s",
+                     handle.name)
+            time.sleep(5.0)
 
     def _name(self, name_or_index: str | int) -> str:
         name = (self.topology.node_name(name_or_index) if isinstance(name_or_index, int)

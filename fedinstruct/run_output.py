@@ -10,12 +10,15 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from peft import LoraConfig
+
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_peft_adapter(
-    folder: Path, state: Mapping[str, torch.Tensor], lora_config: LoraConfig
+    folder: Path, state: Mapping[str, torch.Tensor], lora_config: "LoraConfig"
 ) -> Path:
     """Write an adapter in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads it)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -72,7 +75,7 @@ class RunOutput:
         _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_adapter(
-        self, server_round: int, state: Mapping[str, torch.Tensor], lora_config: LoraConfig, name: str = "adapter"
+        self, server_round: int, state: Mapping[str, torch.Tensor], lora_config: "LoraConfig", name: str = "adapter"
     ) -> Path:
         folder = save_peft_adapter(self.folder / "adapters" / f"round_{server_round:03d}", state, lora_config)
         latest = self.folder / "adapters" / "final" if name == "adapter" else self.folder / name

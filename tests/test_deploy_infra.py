@@ -4,6 +4,7 @@ Flower app end to end, refuses an unregistered node, and leaves no process behin
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import textwrap
@@ -129,10 +130,11 @@ def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(tm
 
         rogue = dep.add_node("rogue", node_config={"partition-id": 7, "num-partitions": 2},
                              register=False, wait=False)
+        run = dep.start_run()
         rogue.process.popen.wait(timeout=60)
         assert "Failed to activate SuperNode" in rogue.process.log_text()
 
-        result = dep.run(timeout=120)
+        result = run.wait(timeout=120)
         assert result.ok, result.logs
         assert "ECHO partition-ids=[0, 1]" in result.logs  # the rogue (id 7) got no work
 
@@ -141,7 +143,7 @@ def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(tm
         assert superlink_log.count("activate-node HTTP/1.1\" 200") == 2
 
         node_1 = dep.nodes["node-1"]
-        dep.kill_node(1)
+        dep.kill_node(1, sig=signal.SIGTERM)  # graceful: the node deactivates itself
         assert not node_1.process.alive()
         assert node_1.node_id == dep.restart_node(1).node_id  # same key, same identity
         tracked = dep.leftover_processes()

@@ -246,6 +246,23 @@ def _tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2):
     return LlamaForCausalLM(config)
 
 
+def _tiny_gpt2(vocab_size: int, hidden: int = 32, layers: int = 2):
+    """Absolute position embeddings: features are only right under left padding if position
+    ids follow the attention mask (RoPE models are shift-invariant and would not notice)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
 TEXTS = [
     "### Instruction: name a colour\n### Response: blue",
     "x",
@@ -256,8 +273,9 @@ TEXTS = [
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_last_token_hidden_states_match_unbatched(tokenizer, padding_side: str) -> None:
-    model = _tiny_llama(tokenizer.vocab_size)
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
+def test_last_token_hidden_states_match_unbatched(tokenizer, padding_side: str, build) -> None:
+    model = build(tokenizer.vocab_size)
     tokenizer.padding_side = padding_side
     try:
         batched = last_token_hidden_states(model, tokenizer, TEXTS, batch_size=3, progress=False)
@@ -271,10 +289,10 @@ def test_last_token_hidden_states_match_unbatched(tokenizer, padding_side: str) 
     assert batched.dtype == np.float32
     np.testing.assert_allclose(batched, np.concatenate(singles), atol=1e-5)
     # the first block is the embedding output of the last real token
-    last_id = tokenizer(TEXTS[0])["input_ids"][-1]
-    np.testing.assert_allclose(
-        batched[0, :32], model.model.embed_tokens.weight[last_id].detach().numpy(), atol=1e-6
-    )
+    if build is _tiny_llama:
+        last_id = tokenizer(TEXTS[0])["input_ids"][-1]
+        embedding = model.model.embed_tokens.weight[last_id].detach().numpy()
+        np.testing.assert_allclose(batched[0, :32], embedding, atol=1e-6)
 
 
 def test_last_token_hidden_states_keep_order_and_train_mode(tokenizer) -> None:

