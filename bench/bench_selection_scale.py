@@ -7,6 +7,7 @@ Server: ``select_global`` over 1,000 centroids from 10 clients (target: well und
 
     python bench/bench_selection_scale.py            # 5,000 samples, both client variants
     python bench/bench_selection_scale.py --skip-raw # only the PCA-50 variant
+    python bench/bench_selection_scale.py --threads 1  # on cores shared with other work
 """
 
 from __future__ import annotations
@@ -56,9 +57,15 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=31 * 576)
     parser.add_argument("--topics", type=int, default=40)
     parser.add_argument("--skip-raw", action="store_true", help="skip t-SNE on raw features")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="cap BLAS/OpenMP threads (1 on shared cores)"
+    )
     args = parser.parse_args()
 
-    print(f"cpu cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+    print(
+        f"cpu cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}, "
+        f"threads: {args.threads or 'library default'}"
+    )
     features = clustered_features(args.samples, args.dims, args.topics, seed=0)
     print(f"client features: {features.shape[0]} x {features.shape[1]} float32")
     rows: list[tuple[str, float, str]] = []
@@ -68,7 +75,9 @@ def main() -> None:
         variants.insert(0, ("t-SNE on raw features", None))
     for label, pca_dims in variants:
         reduced, t_reduce = timed(
-            lambda p=pca_dims: reduce_features(features, method="tsne", seed=0, pca_dims=p)
+            lambda p=pca_dims: reduce_features(
+                features, method="tsne", seed=0, pca_dims=p, threads=args.threads
+            )
         )
         clustering, t_cluster = timed(lambda r=reduced: cluster_points(r, min_cluster_size=2))
         noise = int((clustering.labels == -1).sum())

@@ -17,6 +17,7 @@ register() {
   [ $# -gt 0 ] || { echo "register: no public keys given" >&2; exit 2; }
   FLWR_HOME=$(mktemp -d)
   export FLWR_HOME
+  trap 'rm -rf "$FLWR_HOME"' EXIT
   printf '[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "%s"\nroot-certificates = "%s"\n' \
     "$address" "$ca" >"$FLWR_HOME/config.toml"
   for key in "$@"; do

@@ -141,14 +141,22 @@ class FedBiOTSettings:
     uniform_weights: bool = False
     public_dataset: str = "synthetic"
     public_samples: int = 64
+    emulator_path: str | None = None  # a prepared emulator folder clients load instead
 
     def __post_init__(self) -> None:
         _positive("strategy.fedbiot.adapter_layers", self.adapter_layers)
         if not 0.0 <= self.drop_ratio < 1.0:
-            raise ConfigError(f"strategy.fedbiot.drop_ratio must be in [0, 1), got {self.drop_ratio}")
+            raise ConfigError(
+                f"strategy.fedbiot.drop_ratio must be in [0, 1), got {self.drop_ratio}"
+            )
         _positive("strategy.fedbiot.pre_align_steps", self.pre_align_steps, allow_zero=True)
         _positive("strategy.fedbiot.align_steps", self.align_steps, allow_zero=True)
         _positive("strategy.fedbiot.proximal_eps", self.proximal_eps, allow_zero=True)
+        _positive("strategy.fedbiot.align_lr", self.align_lr)
+        _positive("strategy.fedbiot.kl_weight", self.kl_weight, allow_zero=True)
+        _positive("strategy.fedbiot.public_samples", self.public_samples)
+        if not self.public_dataset:
+            raise ConfigError("strategy.fedbiot.public_dataset must be 'synthetic' or a dataset")
 
 
 @dataclass
@@ -172,6 +180,11 @@ class StrategySettings:
             ("none", "fedadam", "fedyogi", "fedavgm", "fedprox"),
         )
         _positive("strategy.server_lr", self.server_lr)
+        if self.name == "fedbiot" and self.server_optimizer != "none":
+            raise ConfigError(
+                "strategy.server_optimizer must be 'none' with strategy=fedbiot (its server merges "
+                f"the averaged adapter with the aligned emulator), got {self.server_optimizer!r}"
+            )
 
 
 @dataclass

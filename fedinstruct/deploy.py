@@ -13,16 +13,14 @@ Each component runs as its own Flower process, by default in its own network nam
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,145 +36,45 @@ from fedinstruct.deploy_process import (
     flower_env,
     flower_executable,
     living,
+    processes_of,
     start_process,
     stop_managed,
     stop_processes,
     wait_for_log,
 )
+from fedinstruct.deploy_run import (
+    ANSI,
+    CONNECTION,
+    RunHandle,
+    RunResult,
+    RunTimeout,
+    nest_config,
+    parse_json,
+)
+from fedinstruct.deploy_topology import (
+    SUPERLINK_PORT,
+    SUPERNODE_RUNTIME_PORT,
+    ConfigValue,
+    Topology,
+    format_config,
+)
 
-__all__ = ["DeploymentError", "LocalDeployment", "RunResult", "RunTimeout", "Topology"]
+__all__ = [
+    "CONNECTION",
+    "SUPERLINK_PORT",
+    "SUPERNODE_RUNTIME_PORT",
+    "DeploymentError",
+    "LocalDeployment",
+    "RunHandle",
+    "RunResult",
+    "RunTimeout",
+    "Topology",
+    "format_config",
+]
 
 log = logging.getLogger("fedinstruct.deploy")
 
-SUPERLINK_PORT = 9093  # Control, Fleet and Runtime APIs share one HTTP port in Flower 1.41
-SUPERNODE_RUNTIME_PORT = 9094  # the SuperNode's local API for its ClientApp processes
-CONNECTION = "fedinstruct"  # connection name written to FLWR_HOME/config.toml
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-ConfigValue = str | int | float | bool
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class RunTimeout(DeploymentError):
-    """A run did not finish in time; it has been stopped. `logs` holds what it printed."""
-
-    def __init__(self, message: str, logs: str) -> None:
-        super().__init__(message)
-        self.logs = logs
-
-
-def format_config(config: Mapping[str, ConfigValue]) -> str:
-    """`key=value ...` as `--node-config` parses it (strings quoted, TOML scalars)."""
-    parts = []
-    for key, value in config.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
-            raise ValueError(f"node-config key {key!r}: use letters, digits, '_', '-', '.'")
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        elif isinstance(value, str) and '"' not in value and "'" not in value:
-            text = f'"{value}"'
-        else:
-            raise ValueError(f"node-config {key}={value!r}: need a number, bool or unquoted str")
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-@dataclass
-class Topology:
-    """One SuperLink and `num_nodes` SuperNodes; builds every component's command line."""
-
-    num_nodes: int = 2
-    tls: bool = True
-    auth: bool = True
-    superlink_port: int = SUPERLINK_PORT
-    node_runtime_port: int = SUPERNODE_RUNTIME_PORT
-    data_paths: Sequence[str] | None = None  # adds data-path=... to node i's config
-    node_configs: Sequence[Mapping[str, ConfigValue]] | None = None  # replaces the defaults
-
-    def __post_init__(self) -> None:
-        if self.num_nodes < 1:
-            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
-        if self.auth and not self.tls:
-            raise ValueError("auth=True needs tls=True: Flower refuses node auth without TLS")
-        for name, seq in (("data_paths", self.data_paths), ("node_configs", self.node_configs)):
-            if seq is not None and len(seq) != self.num_nodes:
-                raise ValueError(f"{name} has {len(seq)} entries for {self.num_nodes} nodes")
-
-    def node_name(self, index: int) -> str:
-        return f"node-{index}"
-
-    def node_config(self, index: int) -> dict[str, ConfigValue]:
-        if self.node_configs is not None:
-            return dict(self.node_configs[index])
-        config: dict[str, ConfigValue] = {"partition-id": index, "num-partitions": self.num_nodes}
-        if self.data_paths is not None:
-            config["data-path"] = str(self.data_paths[index])
-        return config
-
-    def superlink_args(self, *, host: str, certs_dir: Path | None, database: str | None,
-                       port: int | None = None) -> list[str]:
-        """Arguments of `flower-superlink` (after the program name)."""
-        args: list[str] = []
-        if self.tls:
-            certs = _require(certs_dir, "certs_dir")
-            args += ["--ssl-ca-certfile", str(certs / "ca.crt"),
-                     "--ssl-certfile", str(certs / "server.pem"),
-                     "--ssl-keyfile", str(certs / "server.key")]
-        else:
-            args.append("--insecure")
-        if self.auth:
-            args.append("--enable-supernode-auth")
-        if database is not None:
-            args += ["--database", database]
-        args += ["--host", host, "--port", str(port or self.superlink_port),
-                 "--disable-runtime-dependency-installation"]
-        return args
-
-    def supernode_args(self, index: int, *, superlink: str, certs_dir: Path | None,
-                       keys_dir: Path | None, host: str = "127.0.0.1", port: int | None = None,
-                       node_config: Mapping[str, ConfigValue] | None = None,
-                       key_name: str | None = None) -> list[str]:
-        """Arguments of `flower-supernode` for node `index` (after the program name)."""
-        args = ["--superlink", superlink]
-        if self.tls:
-            args += ["--root-certificates", str(_require(certs_dir, "certs_dir") / "ca.crt")]
-        else:
-            args.append("--insecure")
-        if self.auth:
-            key = _require(keys_dir, "keys_dir") / (key_name or self.node_name(index))
-            args += ["--auth-supernode-private-key", str(key)]
-        config = self.node_config(index) if node_config is None else node_config
-        args += ["--node-config", format_config(config),
-                 "--host", host, "--port", str(port or self.node_runtime_port)]
-        return args
-
-
-def _require_index(index: int | None) -> int:
-    if index is None:
-        raise ValueError("a node outside the topology needs node_config")
-    return index
-
-
-def _require(value: Path | None, name: str) -> Path:
-    if value is None:
-        raise ValueError(f"{name} is required with this topology (tls/auth enabled)")
-    return value
-
-
-@dataclass
-class RunResult:
-    """How a run ended: `status` is Flower's (e.g. finished:completed), `logs` its output."""
-
-    run_id: int
-    status: str
-    logs: str
-    elapsed_s: float
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "finished:completed"
 
 
 @dataclass
@@ -190,38 +88,6 @@ class NodeHandle:
     process: ManagedProcess
     member: str
     node_id: int | None = None
-
-
-class RunHandle:
-    """A submitted run whose logs are being streamed; `wait()` gives its RunResult."""
-
-    def __init__(self, deployment: LocalDeployment, run_id: int, stream: ManagedProcess) -> None:
-        self.deployment, self.run_id, self.stream = deployment, run_id, stream
-        self.started = time.monotonic()
-
-    def status(self) -> dict[str, Any]:
-        runs = self.deployment.flwr_json("ls", CONNECTION, "--run-id", str(self.run_id))["runs"]
-        return runs[0]
-
-    def wait(self, timeout: float = 600.0) -> RunResult:
-        deadline = self.started + timeout
-        while self.stream.alive() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        details = self.status()
-        while not details["status"].startswith("finished") and time.monotonic() < deadline:
-            time.sleep(2.0)  # the log stream ended early (e.g. a lost connection): poll
-            details = self.status()
-        logs = ANSI.sub("", self.stream.log_text())
-        if not details["status"].startswith("finished"):
-            self.deployment.flwr("stop", str(self.run_id), CONNECTION, check=False)
-            stop_managed(self.stream)
-            raise RunTimeout(f"run {self.run_id} not finished after {timeout:.0f} s "
-                             f"(status {details['status']}); stopped it", logs)
-        stop_managed(self.stream)
-        result = RunResult(self.run_id, details["status"], ANSI.sub("", self.stream.log_text()),
-                           time.monotonic() - self.started, details)
-        log.info("run %d: %s after %.1f s", self.run_id, result.status, result.elapsed_s)
-        return result
 
 
 class LocalDeployment:
@@ -297,12 +163,11 @@ class LocalDeployment:
         self.superlink_address = f"{link_host}:{port}"
         if self.certs_dir is not None:
             self._script("make-certs.sh", str(self.certs_dir), "localhost", "127.0.0.1", link_host)
+        names = [self.topology.node_name(i) for i in range(self.topology.num_nodes)]
         if self.keys_dir is not None:
-            names = [self.topology.node_name(i) for i in range(self.topology.num_nodes)]
             self._script("make-node-keys.sh", str(self.keys_dir), *names)
         self._write_connection()
         self._start_superlink(bind, port)
-        names = [self.topology.node_name(i) for i in range(self.topology.num_nodes)]
         node_ids = self._register(*names) if self.keys_dir is not None else {}
         for index, name in enumerate(names):
             self.add_node(name, index=index, wait=False, register=False)
@@ -324,8 +189,8 @@ class LocalDeployment:
             except DeploymentError as err:
                 errors.append(str(err))
         self._harvester.close()
-        if self.network is not None:
-            stop_processes([psutil.Process(p) for p in self.network.pids() if psutil.pid_exists(p)])
+        if self.network is not None:  # anything else inside the namespaces
+            stop_processes(processes_of(self.network.pids()))
         left = self.leftover_processes()
         if self.network is not None:
             try:
@@ -348,11 +213,8 @@ class LocalDeployment:
         if self.superlink is not None:
             tracked.update(self.superlink.tracked)
         if self.network is not None:
-            for pid in self.network.pids():
-                try:
-                    tracked.setdefault(pid, psutil.Process(pid))
-                except psutil.NoSuchProcess:
-                    continue
+            for proc in processes_of(self.network.pids()):
+                tracked.setdefault(proc.pid, proc)
         return living(tracked.values())
 
     # ----------------------------------------------------------------- components
@@ -405,8 +267,10 @@ class LocalDeployment:
         assert self.network is not None
         if name in self.nodes:
             raise DeploymentError(f"node {name!r} exists; use restart_node")
-        if index is None and node_config is None:
-            raise ValueError(f"node {name!r}: give index or node_config")
+        if node_config is None:
+            if index is None:
+                raise ValueError(f"node {name!r}: give index or node_config")
+            node_config = self.topology.node_config(index)
         member = f"n{len(self.nodes)}"
         address = self.network.add_member(member)
         if self.keys_dir is not None and not (self.keys_dir / name).exists():
@@ -416,8 +280,6 @@ class LocalDeployment:
             node_id = self._register(name)[name]
         host = "127.0.0.1" if self.network.isolated else address
         port = None if self.network.isolated else free_port(host)
-        if node_config is None:
-            node_config = self.topology.node_config(_require_index(index))
         args = self.topology.supernode_args(
             index or 0, superlink=self.superlink_address, certs_dir=self.certs_dir,
             keys_dir=self.keys_dir, host=host, port=port, key_name=name, node_config=node_config)
@@ -453,7 +315,7 @@ class LocalDeployment:
             out, _ = call.communicate(timeout=self.start_timeout)
             if call.returncode != 0:
                 raise DeploymentError(f"registering {name} failed:\n{ANSI.sub('', out)}")
-            node_ids[name] = int(_parse_json(out, "flwr supernode register")["node-id"])
+            node_ids[name] = int(parse_json(out, "flwr supernode register")["node-id"])
             log.info("registered %s as node %d", name, node_ids[name])
         return node_ids
 
@@ -516,7 +378,7 @@ class LocalDeployment:
 
     def flwr_json(self, *args: str) -> dict[str, Any]:
         """Run `flwr ... --format json` and parse its answer."""
-        return _parse_json(self.flwr(*args, "--format", "json").stdout, f"flwr {args[0]}")
+        return parse_json(self.flwr(*args, "--format", "json").stdout, f"flwr {args[0]}")
 
     def list_nodes(self) -> list[dict[str, Any]]:
         """The SuperLink's view of the nodes (`flwr supernode ls`)."""
@@ -532,7 +394,7 @@ class LocalDeployment:
                 str(Path(app_dir).resolve() if app_dir else self.app_dir), CONNECTION, "--stream"]
         if config:
             path = self.workdir / "ctl" / f"run-config-{self._runs}.toml"
-            path.write_text(tomli_w.dumps(_nest(config)))
+            path.write_text(tomli_w.dumps(nest_config(config)))
             argv += ["--run-config", str(path)]
         stream = self._harvester.watch(start_process(
             f"run-{self._runs}", argv, self.workdir / f"run-{self._runs}.log",
@@ -546,23 +408,3 @@ class LocalDeployment:
             app_dir: str | Path | None = None) -> RunResult:
         """Submit a run and wait for it to finish; RunTimeout if it does not in time."""
         return self.start_run(run_config, app_dir).wait(timeout)
-
-
-def _parse_json(out: str, what: str) -> dict[str, Any]:
-    start, end = out.find("{"), out.rfind("}")
-    if start < 0:
-        raise DeploymentError(f"`{what}` printed no JSON: {out!r}")
-    return json.loads(out[start:end + 1])
-
-
-def _nest(config: Mapping[str, ConfigValue]) -> dict[str, Any]:
-    """{"a.b": 1} -> {"a": {"b": 1}}: the TOML form Flower flattens back to "a.b"."""
-    nested: dict[str, Any] = {}
-    for key, value in config.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-

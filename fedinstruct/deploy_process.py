@@ -136,6 +136,17 @@ def wait_for_log(
         time.sleep(0.2)
 
 
+def processes_of(pids: Iterable[int]) -> list[psutil.Process]:
+    """psutil handles for the pids that still exist."""
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def living(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
     """Processes still running (a zombie waiting to be reaped counts as gone)."""
     alive = []

@@ -151,6 +151,8 @@ class FederatedRun:
             Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=SELECT_MESSAGE)
             for n in nodes
         ]
+        if hasattr(self.strategy, "add_node_payload"):  # FedBiOT: the emulator, once per node
+            messages = self.strategy.add_node_payload(messages)
         replies = [r for r in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
                    if not r.has_error()]
         payload = {}
@@ -209,7 +211,9 @@ def _with_selection(msg: Message, cluster_ids: Iterable[int]) -> Message:
     """A copy of a train message whose config carries this node's winning cluster ids."""
     config = ConfigRecord(dict(msg.content["config"]))
     config[SELECTED_KEY] = [int(i) for i in cluster_ids] or [-1]
-    msg.content = RecordDict({"arrays": msg.content["arrays"], "config": config})
+    records = dict(msg.content.items())  # keep any other record (FedBiOT's emulator)
+    records["config"] = config
+    msg.content = RecordDict(records)
     return msg
 
 

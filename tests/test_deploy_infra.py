@@ -15,6 +15,7 @@ import pytest
 
 from fedinstruct.deploy import DeploymentError, LocalDeployment, Topology, format_config
 from fedinstruct.deploy_network import netns_unavailable_reason
+from fedinstruct.deploy_process import flower_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,10 +132,24 @@ def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(tm
         rogue = dep.add_node("rogue", node_config={"partition-id": 7, "num-partitions": 2},
                              register=False, wait=False)
         run = dep.start_run()
+        # The image's `register` role, as docker/compose.tls.yaml runs it: one key is new, one
+        # already registered (tolerated, so re-running compose up works).
+        assert dep.keys_dir is not None and dep.certs_dir is not None
+        subprocess.run(["bash", str(REPO / "scripts/make-node-keys.sh"), str(dep.keys_dir),
+                        "spare"], check=True, capture_output=True)
+        register = subprocess.Popen(
+            [*dep.network.exec_prefix("ctl"), "sh", str(REPO / "docker/entrypoint.sh"),
+             "register", dep.superlink_address, str(dep.certs_dir / "ca.crt"),
+             str(dep.keys_dir / "node-0.pub"), str(dep.keys_dir / "spare.pub")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=flower_env(tmp_path / "register-home"))
         rogue.process.popen.wait(timeout=60)
         assert "Failed to activate SuperNode" in rogue.process.log_text()
 
         result = run.wait(timeout=120)
+        registered, _ = register.communicate(timeout=120)
+        assert register.returncode == 0, registered
+        assert "already registered" in registered and "registered successfully" in registered
         assert result.ok, result.logs
         assert "ECHO partition-ids=[0, 1]" in result.logs  # the rogue (id 7) got no work
 

@@ -87,19 +87,21 @@ def test_selection_follows_dataset_order() -> None:
 
 def test_tsne_clustering_is_seeded_and_recovers_blobs() -> None:
     features, truth = _blob_features(seed=2)
-    clustering = cluster_client(features, reducer="tsne", min_cluster_size=5, seed=3)
+    clustering = cluster_client(features, reducer="tsne", min_cluster_size=5, seed=3, threads=1)
     assert sorted(clustering.weights.tolist()) == sorted(BLOB_SIZES)
     for cluster_id in clustering.cluster_ids:
         assert len(np.unique(truth[clustering.labels == cluster_id])) == 1
-    first = reduce_features(features[:20], method="tsne", seed=3)
-    np.testing.assert_array_equal(first, reduce_features(features[:20], method="tsne", seed=3))
+    first = reduce_features(features[:20], method="tsne", seed=3, threads=1)
+    np.testing.assert_array_equal(
+        first, reduce_features(features[:20], method="tsne", seed=3, threads=1)
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_tiny_inputs_reduce_and_cluster_without_error(n: int) -> None:
     features = np.random.default_rng(n).normal(size=(n, 6))
     for method in ("tsne", "pca"):
-        reduced = reduce_features(features, method=method, seed=0)
+        reduced = reduce_features(features, method=method, seed=0, threads=1)
         assert reduced.shape == (n, 2) and np.isfinite(reduced).all()
     clustering = cluster_client(features, reducer="pca")
     assert clustering.num_clusters == 0  # HDBSCAN forms no cluster from <= 3 points here

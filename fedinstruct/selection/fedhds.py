@@ -32,10 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# scikit-learn's HDBSCAN rather than the `hdbscan` package: scikit-learn is already a dependency,
-# ships wheels everywhere, and with `min_samples = min_cluster_size + 1` (it counts the point
-# itself as its first neighbour, the `hdbscan` package does not) it yields the same exact-MST
-# clustering as `hdbscan.HDBSCAN(min_cluster_size=m)` with its exact Prim's algorithm.
+# scikit-learn's HDBSCAN rather than the `hdbscan` package of the reference code: scikit-learn is
+# already a dependency and needs no extra compiled package. scikit-learn counts a point as its own
+# first neighbour and `hdbscan` does not, so `min_samples = min_cluster_size + 1` reproduces
+# `hdbscan.HDBSCAN(min_cluster_size=m)`: the same labels as its exact Prim's algorithm, and the
+# same minimum spanning tree as its default Boruvka, whose labels can differ only where tied
+# mutual-reachability edges are condensed in another order.
 from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE

@@ -1,0 +1,189 @@
+"""FedBiOT end to end on a tiny LLaMA: what crosses the wire, and a whole simulated federation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from fedinstruct import modeling
+from fedinstruct.client_app import handle_train
+from fedinstruct.config import ConfigError, compose_config
+from fedinstruct.emulator import split_lora_state
+from fedinstruct.emulator_package import EMULATOR_RECORD, FINGERPRINT_KEY, cache_folder
+from fedinstruct.fedbiot_client import compressed_client_model
+from fedinstruct.simulation import simulate
+from fedinstruct.strategies.fedbiot import build_fedbiot, public_dataset
+
+DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k-fedit10"
+LAYER = re.compile(r"layers\.(\d+)\.")
+# 6 layers, K=2, beta=0.5: emulator keeps full layers 0 and 3, adapter = layers 4 and 5.
+SETTINGS = [
+    "model=tiny",
+    "model.tiny.num_hidden_layers=6",
+    "strategy=fedbiot",
+    "strategy.fedbiot.pre_align_steps=6",
+    "strategy.fedbiot.align_steps=3",
+    "strategy.fedbiot.align_lr=2e-3",
+    "strategy.fedbiot.public_samples=16",
+    "dataset.samples_per_client=24",
+    "train.local_steps=3",
+    "eval.max_samples=4",
+    "eval.max_new_tokens=8",
+    "federation.num_clients=3",
+    "federation.client_cpus=1",
+    "num_rounds=2",
+]
+
+
+def layers_of(keys) -> set[int]:
+    return {int(LAYER.search(k).group(1)) for k in keys}
+
+
+class NodeList:
+    """Stands in for the Grid's node listing, the only Grid call configure_train makes."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
+
+
+@pytest.fixture
+def server_identity():
+    """The identity a ServerApp process has, so Flower lets it create instruction messages."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+def test_messages_down_hold_lora_and_emulator_once_and_up_only_adapter_lora(
+    tmp_path, server_identity
+):
+    cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
+    strategy, server = build_fedbiot(cfg)
+    plan = server.plan
+    arrays, metrics = server.before_round(1, server.initial_arrays())
+    assert metrics["align_loss_after"] <= metrics["align_loss_before"]
+    lora_keys = set(arrays.keys())
+    emulator_lora, adapter_lora = split_lora_state(dict(arrays.items()), plan)
+    assert all("lora_" in k for k in lora_keys)
+    assert layers_of(adapter_lora) == {2, 3} and layers_of(emulator_lora) == {0, 1}
+
+    nodes = [101, 102, 103]
+    down = list(strategy.configure_train(1, arrays, ConfigRecord(), NodeList(nodes)))
+    assert [m.metadata.dst_node_id for m in down] == nodes
+    assert len({id(m.content) for m in down}) == 3  # one RecordDict per message
+    for msg in down:
+        assert set(msg.content.array_records) == {"arrays", EMULATOR_RECORD, "emulator-tokenizer"}
+        assert set(msg.content["arrays"].keys()) == lora_keys
+        weights = msg.content[EMULATOR_RECORD]
+        assert not any("lora_" in k for k in weights.keys())
+        assert layers_of(k for k in weights.keys() if "layers." in k) == {0, 1, 2, 3}
+        assert plan.num_compressed_layers == 4 < plan.num_layers == 6
+
+    replies = []
+    for partition, msg in enumerate(down):
+        context = Context(
+            run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(), run_config={},
+            node_config={"partition-id": partition, "num-partitions": 3},
+        )
+        replies.append(handle_train(cfg, msg, context))
+        loaded, fresh = compressed_client_model(cfg, msg)
+        assert not fresh  # built once per process, reused
+        assert len(loaded.model.base_model.model.model.layers) == 4  # never the full model
+        trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+        assert trainable and layers_of(trainable) == {2, 3}  # adapter LoRA only
+        client_emulator, _ = split_lora_state(get_peft_model_state_dict(loaded.model), plan)
+        # the emulator LoRA stayed frozen through local training
+        assert all(
+            torch.equal(client_emulator[k], torch.from_numpy(arrays[k].numpy()))
+            for k in emulator_lora
+        )
+    assert cache_folder(str(down[0].content["config"][FINGERPRINT_KEY])).is_dir()
+
+    for reply in replies:
+        assert set(reply.content.array_records) == {"arrays"} and not reply.content.config_records
+        assert set(reply.content["arrays"].keys()) == set(adapter_lora)
+        metrics = next(iter(reply.content.metric_records.values()))
+        assert all(isinstance(v, int | float) for v in metrics.values())
+
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    merged = server.after_aggregation(arrays, aggregated)
+    assert set(merged.keys()) == lora_keys
+    assert all((merged[k].numpy() == arrays[k].numpy()).all() for k in emulator_lora)
+    assert any((merged[k].numpy() != arrays[k].numpy()).any() for k in adapter_lora)
+
+    again = list(strategy.configure_train(2, merged, ConfigRecord(), NodeList(nodes)))
+    for msg in again:  # the emulator went down once; now only the two LoRAs travel
+        assert set(msg.content.array_records) == {"arrays"}
+        assert set(msg.content["arrays"].keys()) == lora_keys
+
+
+@pytest.fixture(scope="module")
+def simulated_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fedbiot-run")
+    cfg = compose_config([*SETTINGS, f"output_dir={folder}"])
+    simulate(cfg)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return cfg, folder, rows
+
+
+def test_simulated_run_reports_both_evaluations_and_alignment(simulated_run):
+    _, _, rows = simulated_run
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        for key in ("eval_loss", "eval_rougeL", "emu_eval_loss", "emu_eval_rougeL"):
+            assert math.isfinite(row[key]), (row["round"], key)
+    for row in rows[1:]:
+        assert row["nodes_replied"] == 3 and row["train_samples"] > 0
+        assert row["align_loss_after"] <= row["align_loss_before"]
+        assert row["time_align"] > 0
+    assert "pre_align_loss_after" in rows[1] and "pre_align_loss_after" not in rows[2]
+    # emulator weights go down in round 1 only; the adapter (2 of 4 LoRA layers) goes up
+    assert rows[1]["bytes_down"] > 10 * rows[2]["bytes_down"]
+    assert rows[2]["bytes_up"] * 2 == rows[2]["bytes_down"]
+
+
+def test_exported_adapter_loads_on_the_full_model(simulated_run):
+    cfg, folder, _ = simulated_run
+    adapter = folder / "adapters" / "final"
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert layers_of(saved) == {4, 5}
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained
+    base, _ = modeling.load_base_model(cfg.model, quantize=False)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    loaded = get_peft_model_state_dict(model)
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    lora_layers = {int(LAYER.search(n).group(1)) for n, _ in model.named_modules() if "lora_A" in n}
+    assert lora_layers == {4, 5}
+
+
+def test_fedbiot_config_is_checked():
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        compose_config(["strategy=fedbiot", "strategy.server_optimizer=fedadam"])
+    cfg = compose_config(
+        ["strategy=fedbiot", "dataset=dolly", f"dataset.source={DOLLY}",
+         f"strategy.fedbiot.public_dataset={DOLLY / 'local_training_0.json'}"]
+    )
+    with pytest.raises(ConfigError, match="public_dataset"):
+        public_dataset(cfg)
+
+
+def test_a_client_without_the_emulator_says_what_to_do(tmp_path, server_identity, monkeypatch):
+    monkeypatch.setenv("FEDINSTRUCT_CACHE", str(tmp_path))
+    cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
+    config = ConfigRecord({"server-round": 1, FINGERPRINT_KEY: "0123abcd"})
+    msg = Message(RecordDict({"config": config}), dst_node_id=5, message_type="train")
+    with pytest.raises(FileNotFoundError, match="emulator_path"):
+        compressed_client_model(cfg, msg)

@@ -1,0 +1,87 @@
+"""What leaves a client: only adapter tensors (LoRA names), centroids, integer ids and numbers.
+
+The real ClientApp handlers run on real messages; every record of every reply is inspected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedinstruct import modeling
+from fedinstruct.client_app import handle_select, handle_train
+from fedinstruct.local_client import LocalClient
+
+
+def _context(partition_id: int = 0) -> Context:
+    return Context(
+        run_id=1, node_id=7, node_config={"partition-id": partition_id, "num-partitions": 3},
+        state=RecordDict(), run_config={},
+    )
+
+
+def _token_ids_of_client_data(cfg, tokenizer) -> set[int]:
+    client = LocalClient.create(cfg, {"partition-id": 0, "num-partitions": 3})
+    client.prepare(tokenizer)
+    return {t for ex in client.examples for t in ex.input_ids}
+
+
+def _assert_only_numbers(content: RecordDict) -> None:
+    assert not content.config_records, "a client reply carries a ConfigRecord (strings could leak)"
+    for record in content.metric_records.values():
+        for key, value in record.items():
+            assert isinstance(value, (int, float)), f"metric {key} is not a number"
+
+
+def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_identity):
+    cfg = tiny_config("train.local_steps=1")
+    state = modeling.initial_adapter_state(cfg.model, cfg.seed)
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7, message_type="train",
+    )
+    reply = handle_train(cfg, msg, _context())
+    content = reply.content
+    _assert_only_numbers(content)
+    assert list(content.array_records) == ["arrays"]
+    arrays = content["arrays"]
+    assert set(arrays.keys()) == set(state), "the reply holds tensors other than the adapter's"
+    for key, array in arrays.items():
+        assert ".lora_A." in key or ".lora_B." in key
+        assert array.numpy().dtype == np.float32, f"{key} is not a float tensor"
+
+
+def test_select_reply_holds_only_centroids_and_integer_ids(tiny_config, flower_identity):
+    cfg = tiny_config("selection=fedhds", "selection.fedhds.reducer=pca")
+    loaded_state = modeling.initial_adapter_state(cfg.model, cfg.seed)
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(loaded_state), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7, message_type="train.select",
+    )
+    reply = handle_select(cfg, msg, _context())
+    content = reply.content
+    _assert_only_numbers(content)
+    assert list(content.array_records) == ["centroids"]
+    record = content["centroids"]
+    assert set(record.keys()) == {"centroids", "cluster_ids", "weights"}
+    centroids, ids = record["centroids"].numpy(), record["cluster_ids"].numpy()
+    num_samples = int(next(iter(content.metric_records.values()))["local-samples"])
+    assert centroids.dtype == np.float32 and centroids.shape[1] == 2, "centroids are not 2-D"
+    assert centroids.shape[0] < num_samples, "one vector per sample would leak per-sample features"
+    assert ids.dtype == np.int64 and sorted(ids.tolist()) == list(range(len(ids)))
+
+
+@pytest.mark.parametrize("selection", ["all", "random"])
+def test_no_token_ids_in_any_reply(tiny_config, flower_identity, selection):
+    """No integer array at all comes back from training, so no token id can."""
+    cfg = tiny_config(f"selection={selection}", "train.local_steps=1")
+    state = modeling.initial_adapter_state(cfg.model, cfg.seed)
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7, message_type="train",
+    )
+    reply = handle_train(cfg, msg, _context())
+    for record in reply.content.array_records.values():
+        for array in record.values():
+            assert np.issubdtype(array.numpy().dtype, np.floating)

@@ -1,0 +1,58 @@
+"""4-bit: the base really is NF4 (bitsandbytes Linear4bit) and LoRA trains on it on CPU."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from peft import get_peft_model_state_dict
+
+from fedinstruct import modeling
+from fedinstruct.data import make_synthetic_dataset, tokenize_dataset
+from fedinstruct.training import train_lora
+
+
+def test_4bit_base_is_nf4_and_lora_trains(tiny_config):
+    cfg = tiny_config("train.local_steps=6", "train.lr=1e-2")
+    base, tokenizer = modeling.load_base_model(cfg.model)
+    linear4 = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4, "no bitsandbytes Linear4bit layer in the 4-bit model"
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linear4)
+    assert all(m.weight.quant_state.nested for m in linear4), "double quantization is off"
+    assert not any(p.requires_grad for p in base.parameters())
+
+    model = modeling.add_lora(base, cfg.model)
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    examples, _ = tokenize_dataset(make_synthetic_dataset(16, seed=1), tokenizer, max_length=96)
+    result = train_lora(model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=0,
+                        progress=False)
+    after = get_peft_model_state_dict(model)
+    assert result.steps == 6 and result.tokens > 0
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "LoRA weights did not change on the 4-bit base"
+
+
+def test_quantized_model_is_smaller_than_unquantized(tiny_config):
+    cfg4 = tiny_config()
+    cfg_none = tiny_config("model.quantization=none")
+    quantized, _ = modeling.load_base_model(cfg4.model)
+    full, _ = modeling.load_base_model(cfg_none.model)
+    linear_bytes = lambda m: sum(  # noqa: E731
+        p.numel() * p.element_size() for n, p in m.named_parameters() if "proj" in n
+    )
+    assert linear_bytes(quantized) < 0.3 * linear_bytes(full)
+
+
+def test_initial_adapter_needs_no_weights(tiny_config):
+    """The server's initial adapter: LoRA shapes of the model, B zero, from the config alone."""
+    cfg = tiny_config()
+    state = modeling.initial_adapter_state(cfg.model, seed=3)
+    base, _ = modeling.load_base_model(cfg.model)
+    reference = get_peft_model_state_dict(modeling.add_lora(base, cfg.model))
+    assert set(state) == set(reference)
+    for key, tensor in state.items():
+        assert tensor.shape == reference[key].shape
+        if "lora_B" in key:
+            assert torch.count_nonzero(tensor) == 0
+        else:
+            assert tensor.abs().sum() > 0
+    assert torch.equal(state[next(iter(state))], modeling.initial_adapter_state(cfg.model, seed=3)[next(iter(state))])
