@@ -71,10 +71,13 @@ def netns_unavailable_reason() -> str | None:
         _ip("netns", "add", probe)
     except NetworkError as err:
         return str(err)
-    try:
-        _ip("netns", "del", probe)
+    try:  # the kernel must also offer bridges and veth pairs
+        _ip("-n", probe, "link", "add", "br0", "type", "bridge")
+        _ip("-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
     except NetworkError as err:
         return str(err)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
@@ -92,8 +95,12 @@ class NamespaceNetwork:
         self.addresses: dict[str, str] = {}
         self._hosts = iter(subnet.hosts())
         _ip("netns", "add", self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
+        try:
+            _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.switch, "link", "set", "br0", "up")
+        except NetworkError:
+            self.close()
+            raise
         log.info("network: namespaces %s-* bridged by br0 in %s, subnet %s",
                  self.tag, self.switch, subnet)
 

@@ -6,6 +6,7 @@ and out of it; the server builds the initial adapter from the model's config alo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -132,6 +133,7 @@ def tiny_model_folder(settings: ModelSettings) -> Path:
     return _atomic_save(build, cache_root() / "models" / f"tiny-llama-{key}")
 
 
+@functools.cache
 def _hub_reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False

@@ -97,6 +97,7 @@ class FedBiOTServer(AdapterServer):
         self._models: _Models | None = None
         self._align_batches: tuple[list[Batch], list[Batch]] | None = None
         self._align_offset = 0
+        self._base_path: str | None = None
 
     # -- models ------------------------------------------------------------------------------
     def models(self) -> _Models:
@@ -107,6 +108,7 @@ class FedBiOTServer(AdapterServer):
     def _load(self) -> _Models:
         start = time.perf_counter()
         base, tokenizer = modeling.load_base_model(self.cfg.model, quantize=False)
+        self._base_path = modeling.resolve_model_path(self.cfg.model)
         s, lora = self.settings, self.cfg.model.lora
         plan = SplitPlan.from_config(
             len(decoder_layers(base)), adapter_layers=s.adapter_layers, drop_ratio=s.drop_ratio
@@ -250,6 +252,14 @@ class FedBiOTServer(AdapterServer):
             raise ValueError("the aggregated update is not exactly the adapter LoRA")
         return ArrayRecord({k: aggregated[k] if k in aggregated else arrays[k] for k in arrays})
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Where alignment is in the public data, so a resumed run does not replay it."""
+        return {"align_offset": torch.tensor([self._align_offset])}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "align_offset" in tensors:
+            self._align_offset = int(tensors["align_offset"][0])
+
     def adapter_state(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The adapter LoRA renamed onto the full model's layers (AdapFu; exported)."""
         _, adapter_keys = self.split(arrays)
@@ -284,7 +294,7 @@ class FedBiOTServer(AdapterServer):
             self.plan, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
         )
-        config.base_model_name_or_path = modeling.resolve_model_path(self.cfg.model)
+        config.base_model_name_or_path = self._base_path
         return config
 
     def export(self, output: RunOutput, server_round: int, arrays: ArrayRecord) -> None:
