@@ -108,6 +108,8 @@ def summarize_local_data(
         reducer=settings.reducer,
         min_cluster_size=settings.min_cluster_size,
         seed=cfg.seed + server_round,
+        pca_dims=settings.pca_dims,
+        threads=torch.get_num_threads(),
     )
     _save_clustering(context, clustering)
     centroids = clustering.centroids.astype(np.float32)

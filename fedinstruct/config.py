@@ -196,6 +196,7 @@ class FedHDSSettings:
     keep_noise: bool = False
     noise_sigma: float = 0.0
     feature_batch_size: int = 8
+    pca_dims: int | None = None  # PCA to this many dims before t-SNE (faster on big clients)
 
     def __post_init__(self) -> None:
         _choice("selection.fedhds.reducer", self.reducer, ("tsne", "pca"))
@@ -283,6 +284,7 @@ class EvalSettings:
     batch_size: int = 8
     federated: bool = False
     federated_fraction: float = 0.1
+    quantized_base: bool = False  # the server evaluates on the unquantized base by default
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_zero=True)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -188,28 +189,45 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> PreTrainedTokeniz
     return tokenizer
 
 
+def prequantized_folder(settings: ModelSettings, path: str) -> Path:
+    """Where this node keeps its quantized copy of `path` (one per model and quantization)."""
+    key = json.dumps([path, settings.gguf_file, settings.quantization, str(compute_dtype()), str(device())])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_root() / "quantized" / f"{Path(path).name}-{settings.quantization}-{digest}"
+
+
 def load_base_model(
     settings: ModelSettings, *, quantize: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model (quantized per settings), frozen, on the best device."""
+    """Load the base model (quantized per settings), frozen, on the best device.
+
+    The first load quantizes and saves the quantized weights once per node; later loads (in
+    deployment every message is a fresh process) read that copy and skip quantization.
+    """
     path = resolve_model_path(settings)
     qconfig = quantization_config(settings) if quantize else None
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        gguf_file=settings.gguf_file,
-        quantization_config=qconfig,
-        dtype=compute_dtype(),
-        device_map={"": device()} if qconfig is not None else None,
-    )
+    source, gguf_file = path, settings.gguf_file
+    prequantized = prequantized_folder(settings, path) if qconfig is not None else None
+    kwargs: dict = {"device_map": {"": device()}} if qconfig is not None else {}
+    if prequantized is not None and (prequantized / "config.json").exists():
+        source, gguf_file = str(prequantized), None  # its config carries the quantization
+    else:
+        kwargs.update(quantization_config=qconfig, dtype=compute_dtype())
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, **kwargs)
     if qconfig is None:
         model.to(device())
+    if prequantized is not None and source == path:
+        _atomic_save(model.save_pretrained, prequantized)
     model.requires_grad_(False)
     model.config.use_cache = False
     log.info(
-        "Base model loaded: %s, %.1fM params, quantization=%s, compute dtype=%s, device=%s",
+        "Base model loaded in %.1f s: %s, %.1fM params, quantization=%s%s, compute dtype=%s, device=%s",
+        time.perf_counter() - start,
         type(model).__name__,
         model.num_parameters() / 1e6,
         settings.quantization if qconfig is not None else "none",
+        " (pre-quantized copy)" if source != path else "",
         compute_dtype(),
         device(),
     )

@@ -78,7 +78,9 @@ class AdapterServer:
     # -- evaluation and export --------------------------------------------------------------
     def _ensure_model(self) -> tuple[PeftModel, Any]:
         if self._model is None:
-            base, self._tokenizer = modeling.load_base_model(self.cfg.model)
+            base, self._tokenizer = modeling.load_base_model(
+                self.cfg.model, quantize=self.cfg.eval.quantized_base
+            )
             self._model = modeling.add_lora(base, self.cfg.model)
             self._held_out = HeldOutSet(self.cfg, self._tokenizer)
         return self._model, self._tokenizer

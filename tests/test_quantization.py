@@ -56,3 +56,24 @@ def test_initial_adapter_needs_no_weights(tiny_config):
         else:
             assert tensor.abs().sum() > 0
     assert torch.equal(state[next(iter(state))], modeling.initial_adapter_state(cfg.model, seed=3)[next(iter(state))])
+
+
+def test_prequantized_copy_matches_fresh_quantization(tiny_config):
+    """Later loads read the node's saved NF4 copy; it must equal quantizing from scratch."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config()
+    cached, tokenizer = modeling.load_base_model(cfg.model)  # first call may create the copy
+    again, _ = modeling.load_base_model(cfg.model)
+    assert modeling.prequantized_folder(cfg.model, modeling.resolve_model_path(cfg.model)).exists()
+    fresh = AutoModelForCausalLM.from_pretrained(
+        modeling.resolve_model_path(cfg.model),
+        quantization_config=modeling.quantization_config(cfg.model),
+        dtype=modeling.compute_dtype(),
+        device_map={"": modeling.device()},
+    )
+    ids = tokenizer("What is 2 + 2?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = fresh(input_ids=ids).logits
+        torch.testing.assert_close(cached(input_ids=ids).logits, expected)
+        torch.testing.assert_close(again(input_ids=ids).logits, expected)
