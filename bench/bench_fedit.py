@@ -34,16 +34,28 @@ def _client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, f
     from fedinstruct.data import make_synthetic_dataset, pad_batch, tokenize_dataset
     from fedinstruct.training import sample_order, train_lora
 
-    cfg = compose_config([*MODEL, f"model.quantization={quantization}", f"train.local_steps={steps}",
-                          f"train.batch_size={batch_size}"])
+    cfg = compose_config(
+        [
+            *MODEL,
+            f"model.quantization={quantization}",
+            f"train.local_steps={steps}",
+            f"train.batch_size={batch_size}",
+        ]
+    )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     base, tokenizer = modeling.load_base_model(cfg.model)
     model_bytes = modeling.model_bytes(base)
     model = modeling.add_lora(base, cfg.model)
-    examples, _ = tokenize_dataset(make_synthetic_dataset(64, seed=5), tokenizer, max_length=cfg.train.max_length)
+    examples, _ = tokenize_dataset(
+        make_synthetic_dataset(64, seed=5), tokenizer, max_length=cfg.train.max_length
+    )
 
-    train_lora(model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=0, progress=False)  # warm-up
-    ours = train_lora(model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=1, progress=False)
+    train_lora(
+        model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=0, progress=False
+    )  # warm-up
+    ours = train_lora(
+        model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=1, progress=False
+    )
 
     # The bare loop: same model, same batches, plain AdamW, nothing else.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -53,8 +65,10 @@ def _client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, f
     start = time.perf_counter()
     tokens = 0
     for step in range(steps):
-        batch = pad_batch([examples[i] for i in order[step * batch_size : (step + 1) * batch_size]],
-                          tokenizer.pad_token_id)
+        batch = pad_batch(
+            [examples[i] for i in order[step * batch_size : (step + 1) * batch_size]],
+            tokenizer.pad_token_id,
+        )
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -74,8 +88,19 @@ def _client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, f
 
 def client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, "--probe", quantization, "--steps", str(steps), "--batch-size", str(batch_size)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--probe",
+            quantization,
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(batch_size),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -84,9 +109,17 @@ def simulation(rounds: int, clients: int, steps: int, folder: Path) -> list[dict
     from fedinstruct.config import compose_config
     from fedinstruct.simulation import simulate
 
-    cfg = compose_config([*MODEL, f"num_rounds={rounds}", f"federation.num_clients={clients}",
-                          f"federation.min_train_nodes={clients}", f"federation.min_available_nodes={clients}",
-                          f"train.local_steps={steps}", f"output_dir={folder}"])
+    cfg = compose_config(
+        [
+            *MODEL,
+            f"num_rounds={rounds}",
+            f"federation.num_clients={clients}",
+            f"federation.min_train_nodes={clients}",
+            f"federation.min_available_nodes={clients}",
+            f"train.local_steps={steps}",
+            f"output_dir={folder}",
+        ]
+    )
     simulate(cfg)
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
@@ -113,34 +146,84 @@ def main() -> None:
     q4 = client_probe("4bit", args.steps, args.batch_size)
     fp = client_probe("none", args.steps, args.batch_size)
 
-    print("\n## FedIT on SmolLM2-135M-Instruct "
-          f"({args.clients} clients, {args.steps} steps x batch {args.batch_size}, CPU)\n")
-    print("| round | round s | client compute s | model load s | eval s | framework overhead s | overhead share |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n## FedIT on SmolLM2-135M-Instruct "
+        f"({args.clients} clients, {args.steps} steps x batch {args.batch_size}, CPU)"
+    )
+    phases = []
     for row in rows[1:]:
-        compute = row["time_client_train"]
-        load = row["time_client_load"]
-        overhead = row["time_train_phase"] - compute - load + row["time_aggregate"] + row["time_checkpoint"]
-        print(f"| {row['round']} | {row['time_round']:.1f} | {compute:.1f} | {load:.1f} | {row.get('time_eval', 0):.1f} "
-              f"| {overhead:.1f} | {overhead / row['time_round']:.1%} |")
-    up = rows[-1]["bytes_per_client_up"]
-    down = rows[-1]["bytes_per_client_down"]
-    print("\n| bytes per client per round | value | x adapter tensor bytes | x base model bytes (fp32) |")
-    print("|---|---|---|---|")
+        compute, load = row["time_client_train"], row["time_client_load"]
+        overhead = row["time_train_phase"] - compute - load
+        overhead += row["time_aggregate"] + row["time_checkpoint"]
+        phases.append(
+            [
+                row["round"],
+                f"{row['time_round']:.1f}",
+                f"{compute:.1f}",
+                f"{load:.1f}",
+                f"{row.get('time_eval', 0):.1f}",
+                f"{overhead:.1f}",
+                f"{overhead / row['time_round']:.1%}",
+            ]
+        )
+    table(
+        [
+            "round",
+            "round s",
+            "client compute s",
+            "model load s",
+            "eval s",
+            "framework overhead s",
+            "overhead share",
+        ],
+        phases,
+    )
+
     base_bytes = fp["model_bytes"]
-    for name, value in (("down", down), ("up", up), ("adapter tensors", adapter)):
-        print(f"| {name} | {value:,.0f} | {value / adapter:.3f} | {value / base_bytes:.4f} |")
-    print("\n| client | 4bit | none | ratio |")
-    print("|---|---|---|---|")
-    print(f"| model footprint MB | {q4['model_bytes'] / 2**20:.1f} | {fp['model_bytes'] / 2**20:.1f} "
-          f"| {q4['model_bytes'] / fp['model_bytes']:.2f} |")
-    print(f"| peak process RSS MB | {q4['peak_rss_mb']:.0f} | {fp['peak_rss_mb']:.0f} | {q4['peak_rss_mb'] / fp['peak_rss_mb']:.2f} |")
-    print(f"| s per local step | {q4['step_seconds']:.2f} | {fp['step_seconds']:.2f} | {q4['step_seconds'] / fp['step_seconds']:.2f} |")
-    print("\n| throughput tokens/s | fedinstruct loop | bare peft loop | ratio |")
-    print("|---|---|---|---|")
-    for name, probe in (("4bit", q4), ("none", fp)):
-        print(f"| {name} | {probe['ours_tokens_per_s']:.0f} | {probe['bare_tokens_per_s']:.0f} "
-              f"| {probe['ours_tokens_per_s'] / probe['bare_tokens_per_s']:.2f} |")
+    wire = [
+        [name, f"{value:,.0f}", f"{value / adapter:.3f}", f"{value / base_bytes:.4f}"]
+        for name, value in (
+            ("down", rows[-1]["bytes_per_client_down"]),
+            ("up", rows[-1]["bytes_per_client_up"]),
+            ("adapter tensors", adapter),
+        )
+    ]
+    table(
+        ["bytes per client per round", "value", "x adapter tensor bytes", "x base model (fp32)"],
+        wire,
+    )
+
+    def ratio_row(name: str, key: str, scale: float = 1.0, fmt: str = ".1f") -> list[str]:
+        a, b = q4[key] * scale, fp[key] * scale
+        return [name, format(a, fmt), format(b, fmt), f"{a / b:.2f}"]
+
+    table(
+        ["client", "4bit", "none", "ratio"],
+        [
+            ratio_row("model footprint MB", "model_bytes", 1 / 2**20),
+            ratio_row("peak process RSS MB", "peak_rss_mb", fmt=".0f"),
+            ratio_row("s per local step", "step_seconds", fmt=".2f"),
+        ],
+    )
+    table(
+        ["throughput tokens/s", "fedinstruct loop", "bare peft loop", "ratio"],
+        [
+            [
+                name,
+                f"{p['ours_tokens_per_s']:.0f}",
+                f"{p['bare_tokens_per_s']:.0f}",
+                f"{p['ours_tokens_per_s'] / p['bare_tokens_per_s']:.2f}",
+            ]
+            for name, p in (("4bit", q4), ("none", fp))
+        ],
+    )
+
+
+def table(headers: list[str], rows: list[list]) -> None:
+    print("\n| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
 
 
 if __name__ == "__main__":

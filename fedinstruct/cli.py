@@ -72,7 +72,11 @@ class SweepSummary(Callback):
         lines.append("|" + "---|" * (len(SUMMARY_KEYS) + 2))
         for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()):
             overrides_file = job_dir / ".hydra" / "overrides.yaml"
-            overrides = overrides_file.read_text().replace("\n- ", " ").strip("- \n") if overrides_file.exists() else ""
+            overrides = (
+                overrides_file.read_text().replace("\n- ", " ").strip("- \n")
+                if overrides_file.exists()
+                else ""
+            )
             rows = _read_rows(job_dir)
             final = rows[-1] if rows else {}
             cells = [_fmt(final.get(key)) for key in SUMMARY_KEYS]

@@ -42,7 +42,9 @@ def _stored_rows(context: Context) -> list[int] | None:
     return [r for r in context.state[ROWS_KEY]["rows"] if r >= 0]
 
 
-def select_rows(cfg: RunConfig, client, context: Context, config: ConfigRecord, server_round: int) -> list[int]:
+def select_rows(
+    cfg: RunConfig, client, context: Context, config: ConfigRecord, server_round: int
+) -> list[int]:
     """Dataset rows to train on this round."""
     selection = cfg.selection
     n = len(client.dataset)
@@ -67,7 +69,9 @@ def select_rows(cfg: RunConfig, client, context: Context, config: ConfigRecord, 
         log.info("partition %d: coreset of %d / %d samples", client.partition_id, len(rows), n)
     rows = _stored_rows(context)
     if rows is None:
-        raise RuntimeError("FedHDS: no selection has reached this node yet (train before train.select)")
+        raise RuntimeError(
+            "FedHDS: no selection has reached this node yet (train before train.select)"
+        )
     return rows
 
 
@@ -98,7 +102,12 @@ def _features(cfg: RunConfig, client, loaded, global_state: dict[str, torch.Tens
 
 
 def summarize_local_data(
-    cfg: RunConfig, client, context: Context, loaded, global_state: dict[str, torch.Tensor], server_round: int
+    cfg: RunConfig,
+    client,
+    context: Context,
+    loaded,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
 ) -> ArrayRecord:
     """Cluster the local samples; keep the clustering here, return centroids and ids only."""
     settings = cfg.selection.fedhds
@@ -115,9 +124,14 @@ def summarize_local_data(
     centroids = clustering.centroids.astype(np.float32)
     if settings.noise_sigma > 0:
         rng = np.random.default_rng(cfg.seed * 1_000_003 + server_round * 101 + client.partition_id)
-        centroids = privatize_centroids(centroids, sigma=settings.noise_sigma, rng=rng).astype(np.float32)
+        centroids = privatize_centroids(centroids, sigma=settings.noise_sigma, rng=rng).astype(
+            np.float32
+        )
     log.info(
-        "partition %d: %d samples -> %d local clusters", client.partition_id, len(features), len(centroids)
+        "partition %d: %d samples -> %d local clusters",
+        client.partition_id,
+        len(features),
+        len(centroids),
     )
     return numpy_record(
         centroids=centroids,

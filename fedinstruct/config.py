@@ -8,7 +8,6 @@ unknown key or a value of the wrong type fails at compose time, before any model
 from __future__ import annotations
 
 import re
-
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,9 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
 
     def __post_init__(self) -> None:
         _positive("model.lora.r", self.r)
@@ -124,7 +125,9 @@ class DatasetSettings:
         if self.name != "synthetic" and not self.source:
             raise ConfigError(f"dataset.source is required for dataset={self.name}")
         if self.partitioner in ("dirichlet", "pathological") and not self.label_column:
-            raise ConfigError(f"dataset.label_column is required for partitioner={self.partitioner}")
+            raise ConfigError(
+                f"dataset.label_column is required for partitioner={self.partitioner}"
+            )
 
 
 @dataclass
@@ -214,7 +217,9 @@ class RandomSettings:
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.count is None):
-            raise ConfigError("set exactly one of selection.random.ratio and selection.random.count")
+            raise ConfigError(
+                "set exactly one of selection.random.ratio and selection.random.count"
+            )
         if self.ratio is not None:
             _fraction("selection.random.ratio", self.ratio)
         if self.count is not None:
@@ -239,7 +244,8 @@ class FederationSettings:
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds a node has to reply to a round's message
+    min_replies: int = 1  # fewer replies than this within round_timeout fail the run
     client_cpus: int = 2
     client_gpus: float = 0.0
 
@@ -248,6 +254,7 @@ class FederationSettings:
         _fraction("federation.fraction_train", self.fraction_train)
         _positive("federation.min_train_nodes", self.min_train_nodes)
         _positive("federation.round_timeout", self.round_timeout)
+        _positive("federation.min_replies", self.min_replies)
 
 
 @dataclass

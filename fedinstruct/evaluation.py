@@ -73,7 +73,9 @@ def generate(
     try:
         starts = range(0, len(prompts), batch_size)
         for first in tqdm(starts, desc="generating", leave=False, disable=not progress):
-            enc = tokenizer(list(prompts[first : first + batch_size]), return_tensors="pt", padding=True)
+            enc = tokenizer(
+                list(prompts[first : first + batch_size]), return_tensors="pt", padding=True
+            )
             enc = {k: v.to(model_device) for k, v in enc.items()}
             generated = model.generate(
                 **enc,
@@ -93,7 +95,10 @@ def generate(
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean Rouge-L F-measure (rouge-score, stemmed), as FedIT and FedHDS report it."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    scores = [
+        scorer.score(ref, pred)["rougeL"].fmeasure
+        for pred, ref in zip(predictions, references, strict=True)
+    ]
     return sum(scores) / max(len(scores), 1)
 
 
@@ -109,7 +114,9 @@ def final_number_accuracy(predictions: Sequence[str], references: Sequence[str])
     """Exact match of the final number; None unless every reference is math-style."""
     if not references or not all(_FINAL_NUMBER.search(ref) for ref in references):
         return None
-    hits = [final_number(p) == final_number(r) for p, r in zip(predictions, references)]
+    hits = [
+        final_number(p) == final_number(r) for p, r in zip(predictions, references, strict=True)
+    ]
     return sum(hits) / len(hits)
 
 
@@ -123,7 +130,9 @@ def evaluate_model(
     max_new_tokens: int,
     batch_size: int = 8,
 ) -> EvalResult:
-    loss = response_loss(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    loss = response_loss(
+        model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size
+    )
     generations = generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )

@@ -7,6 +7,7 @@ it) and trains only the adapter's, which is all it sends back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -22,7 +23,6 @@ from fedinstruct.emulator import (
     SplitPlan,
     decoder_layers,
     fedbiot_lora_configs,
-    load_compressed_model_from_folder,
     load_split_plan,
     lora_parameter_groups,
     split_lora_state,
@@ -41,27 +41,18 @@ def adapter_only(state: dict[str, torch.Tensor], plan: SplitPlan) -> dict[str, t
 
 
 def load_client_model(cfg: RunConfig, folder: str | Path) -> LoadedModel:
-    """Emulator + adapter from an emulator folder, with only the adapter's LoRA trainable."""
+    """Emulator + adapter from an emulator folder, with only the adapter's LoRA trainable.
+
+    The base loads like any base model (quantized per `model.quantization`, with the node's
+    pre-quantized copy reused), from the emulator folder instead of the full model.
+    """
     start = time.perf_counter()
     folder = Path(folder)
     plan = load_split_plan(folder)
-    qconfig = modeling.quantization_config(cfg.model)
-    base, info = load_compressed_model_from_folder(
-        folder,
-        quantization_config=qconfig,
-        dtype=modeling.compute_dtype(),
-        device_map={"": modeling.device()} if qconfig is not None else None,
-        output_loading_info=True,
-    )
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])[:3]
-        raise ValueError(f"emulator folder {folder} lacks weights {missing}")
-    if qconfig is None:
-        base.to(modeling.device())
+    settings = dataclasses.replace(cfg.model, name_or_path=str(folder), gguf_file=None)
+    base, tokenizer = modeling.load_base_model(settings)
     if len(decoder_layers(base)) != plan.num_compressed_layers:
         raise ValueError(f"emulator folder {folder}: model and split plan disagree on layers")
-    base.requires_grad_(False)
-    base.config.use_cache = False
     lora = cfg.model.lora
     compressed_lora, _ = fedbiot_lora_configs(
         plan, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -75,11 +66,9 @@ def load_client_model(cfg: RunConfig, folder: str | Path) -> LoadedModel:
         raise ValueError("model.lora.target_modules matched nothing in the adapter layers")
     log.info(
         "FedBiOT client model: %d emulator + %d adapter layers (full model: %d), "
-        "quantization=%s, %d trainable LoRA tensors",
-        len(plan.emulator_layers), len(plan.adapter_layers), plan.num_layers,
-        cfg.model.quantization if qconfig is not None else "none", len(adapter_names),
+        "%d trainable LoRA tensors",
+        len(plan.emulator_layers), len(plan.adapter_layers), plan.num_layers, len(adapter_names),
     )
-    tokenizer = modeling.load_tokenizer(str(folder))
     return LoadedModel(
         model, tokenizer, time.perf_counter() - start,
         upload=functools.partial(adapter_only, plan=plan),

@@ -105,7 +105,10 @@ class LocalClient:
         if stats["dropped"] or stats["truncated"]:
             log.info(
                 "partition %d: %d samples, %d truncated, %d dropped (response past max_length)",
-                self.partition_id, len(self.dataset), stats["truncated"], stats["dropped"],
+                self.partition_id,
+                len(self.dataset),
+                stats["truncated"],
+                stats["dropped"],
             )
 
     def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -152,18 +155,27 @@ class LocalClient:
             seed=self.cfg.seed * 100_003 + server_round * 1_009 + self.partition_id,
             extra_loss=extra_loss,
         )
-        state = {k: v.detach().cpu().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+        state = {
+            k: v.detach().cpu().float().clone() for k, v in get_peft_model_state_dict(model).items()
+        }
         return state, result
 
     def evaluate(
-        self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, global_state: dict[str, torch.Tensor]
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        global_state: dict[str, torch.Tensor],
     ) -> tuple[float, int]:
         """Loss of the global adapter on this client's held-out share (last rows of its data)."""
         set_peft_model_state_dict(model, global_state)
         count = max(1, int(len(self.examples) * self.cfg.eval.federated_fraction))
         held_out = self.examples[-count:]
-        loss = response_loss(model, held_out, pad_token_id=tokenizer.pad_token_id,
-                             batch_size=self.cfg.eval.batch_size)
+        loss = response_loss(
+            model,
+            held_out,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=self.cfg.eval.batch_size,
+        )
         return loss, len(held_out)
 
 

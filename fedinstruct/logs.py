@@ -12,7 +12,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger = logging.getLogger("fedinstruct")
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s fedinstruct %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s fedinstruct %(levelname)s %(message)s", "%H:%M:%S")
+        )
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level)

@@ -191,7 +191,9 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> PreTrainedTokeniz
 
 def prequantized_folder(settings: ModelSettings, path: str) -> Path:
     """Where this node keeps its quantized copy of `path` (one per model and quantization)."""
-    key = json.dumps([path, settings.gguf_file, settings.quantization, str(compute_dtype()), str(device())])
+    key = json.dumps(
+        [path, settings.gguf_file, settings.quantization, str(compute_dtype()), str(device())]
+    )
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return cache_root() / "quantized" / f"{Path(path).name}-{settings.quantization}-{digest}"
 
@@ -222,7 +224,8 @@ def load_base_model(
     model.requires_grad_(False)
     model.config.use_cache = False
     log.info(
-        "Base model loaded in %.1f s: %s, %.1fM params, quantization=%s%s, compute dtype=%s, device=%s",
+        "Base model loaded in %.1f s: %s, %.1fM params, quantization=%s%s, "
+        "compute dtype=%s, device=%s",
         time.perf_counter() - start,
         type(model).__name__,
         model.num_parameters() / 1e6,

@@ -29,7 +29,9 @@ def _fields(settings: DatasetSettings) -> FieldMap:
     )
 
 
-def _train_and_test(settings: DatasetSettings, num_partitions: int, seed: int) -> tuple[Dataset, Dataset]:
+def _train_and_test(
+    settings: DatasetSettings, num_partitions: int, seed: int
+) -> tuple[Dataset, Dataset]:
     """The whole training pool and the held-out test set (cached per process)."""
     key = (repr(settings), num_partitions, seed)
     if key not in _POOLS:
@@ -55,7 +57,10 @@ def _load_train_and_test(
         return data, test
     if settings.label_column and settings.holdout_per_category > 0:
         return holdout_per_category(
-            data, per_category=settings.holdout_per_category, seed=seed, label_column=settings.label_column
+            data,
+            per_category=settings.holdout_per_category,
+            seed=seed,
+            label_column=settings.label_column,
         )
     split = data.train_test_split(test_size=settings.test_fraction, seed=seed)
     return split["train"], split["test"]
@@ -65,7 +70,9 @@ def client_dataset(cfg: RunConfig, partition_id: int, num_partitions: int) -> Da
     """This client's local training rows."""
     settings = cfg.dataset
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id={partition_id} is out of range for {num_partitions} partitions")
+        raise ValueError(
+            f"partition-id={partition_id} is out of range for {num_partitions} partitions"
+        )
     if settings.partitioner == "prepartitioned":
         return load_prepartitioned(settings.source, partition_id)
     pool, _ = _train_and_test(settings, num_partitions, cfg.seed)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_peft_adapter(
-    folder: Path, state: Mapping[str, torch.Tensor], lora_config: "LoraConfig"
+    folder: Path, state: Mapping[str, torch.Tensor], lora_config: LoraConfig
 ) -> Path:
     """Write an adapter in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads it)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -58,7 +57,9 @@ class RunOutput:
         return self.folder / METRICS_FILE
 
     def save_config(self, config: Mapping[str, Any]) -> None:
-        _atomic_write_text(self.folder / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+        _atomic_write_text(
+            self.folder / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False)
+        )
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
@@ -67,7 +68,15 @@ class RunOutput:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        rows = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash while it was written
+                log.warning("%s line %d is not JSON; skipped", self.metrics_path, number)
+        return rows
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows after `last_round` (a resumed run rewrites them)."""
@@ -75,21 +84,32 @@ class RunOutput:
         _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_adapter(
-        self, server_round: int, state: Mapping[str, torch.Tensor], lora_config: "LoraConfig", name: str = "adapter"
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        lora_config: LoraConfig,
+        name: str = "adapter",
     ) -> Path:
-        folder = save_peft_adapter(self.folder / "adapters" / f"round_{server_round:03d}", state, lora_config)
+        folder = save_peft_adapter(
+            self.folder / "adapters" / f"round_{server_round:03d}", state, lora_config
+        )
         latest = self.folder / "adapters" / "final" if name == "adapter" else self.folder / name
         save_peft_adapter(latest, state, lora_config)
         return folder
 
     # -- checkpoint -------------------------------------------------------------------------
-    def save_checkpoint(self, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> None:
+    def save_checkpoint(
+        self, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]
+    ) -> None:
         """Everything needed to resume after `server_round`: tensors plus JSON-able state."""
         final = self.folder / CHECKPOINT_DIR
         tmp = self.folder / f".{CHECKPOINT_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp / "tensors.safetensors"),
+        )
         (tmp / "state.json").write_text(json.dumps({"round": server_round, **state}, default=float))
         old = self.folder / f".{CHECKPOINT_DIR}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -125,10 +145,10 @@ class RunOutput:
         ]
         panels = [p for p in panels if p[1]]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-        for ax, (title, keys) in zip(axes[0], panels):
+        for ax, (title, keys) in zip(axes[0], panels, strict=False):
             for key in keys:
                 points = [(r["round"], r[key]) for r in rows if _finite(r.get(key))]
-                ax.plot(*zip(*points), marker="o", label=key)
+                ax.plot(*zip(*points, strict=False), marker="o", label=key)
             ax.set_title(title)
             ax.set_xlabel("round")
             ax.legend(fontsize=7)

@@ -23,7 +23,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
     output.save_config(to_container(cfg))
     log.info(
         "fedinstruct: strategy=%s selection=%s model=%s rounds=%d -> %s",
-        cfg.strategy.name, cfg.selection.name, cfg.model.name_or_path, cfg.num_rounds, output.folder,
+        cfg.strategy.name,
+        cfg.selection.name,
+        cfg.model.name_or_path,
+        cfg.num_rounds,
+        output.folder,
     )
     strategy, server = build_strategy(cfg)
     FederatedRun(cfg, grid, strategy, server, output).run()

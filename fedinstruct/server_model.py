@@ -30,7 +30,10 @@ class HeldOutSet:
     def __init__(self, cfg: RunConfig, tokenizer) -> None:
         data = test_dataset(cfg)
         self.examples, self.stats = tokenize_dataset(
-            data, tokenizer, template=cfg.train.template, max_length=cfg.train.max_length,
+            data,
+            tokenizer,
+            template=cfg.train.template,
+            max_length=cfg.train.max_length,
             mask_prompt=True,
         )
         self.prompts = [build_prompt(row, cfg.train.template, tokenizer) for row in data]
@@ -38,8 +41,13 @@ class HeldOutSet:
 
     def evaluate(self, cfg: RunConfig, model: torch.nn.Module, tokenizer) -> EvalResult:
         return evaluate_model(
-            model, tokenizer, self.examples, self.prompts, self.references,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            model,
+            tokenizer,
+            self.examples,
+            self.prompts,
+            self.references,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
         )
 
 
@@ -56,7 +64,9 @@ class AdapterServer:
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord(modeling.initial_adapter_state(self.cfg.model, self.cfg.seed))
 
-    def before_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+    def before_round(
+        self, server_round: int, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord, dict[str, float]]:
         """Server work before a round's training (FedBiOT aligns its emulator here)."""
         return arrays, {}
 

@@ -86,7 +86,9 @@ def train_lora(
         for micro in range(settings.grad_accum):
             first = (step * settings.grad_accum + micro) * settings.batch_size
             batch_examples = [examples[i] for i in order[first : first + settings.batch_size]]
-            batch = {k: v.to(model_device) for k, v in pad_batch(batch_examples, pad_token_id).items()}
+            batch = {
+                k: v.to(model_device) for k, v in pad_batch(batch_examples, pad_token_id).items()
+            }
             loss = model(**batch).loss
             if extra_loss is not None:
                 loss = loss + extra_loss()

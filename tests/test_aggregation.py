@@ -10,8 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedinstruct.config import compose_config
 from fedinstruct.strategies.fedit import build_fedit
 
-KEYS = ["base_model.model.layers.0.self_attn.q_proj.lora_A.weight",
-        "base_model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+KEYS = [
+    "base_model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.layers.0.self_attn.q_proj.lora_B.weight",
+]
 
 
 class NodeList:
@@ -26,22 +28,29 @@ class NodeList:
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {KEYS[0]: torch.randn(4, 8, generator=g) * scale, KEYS[1]: torch.randn(8, 4, generator=g) * scale}
+    return {
+        KEYS[0]: torch.randn(4, 8, generator=g) * scale,
+        KEYS[1]: torch.randn(8, 4, generator=g) * scale,
+    }
 
 
 def _round(strategy, global_state, client_states, samples):
     grid = NodeList(list(range(1, len(client_states) + 1)))
     messages = list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid))
     replies = []
-    for msg, state, n in zip(messages, client_states, samples):
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})})
+    for msg, state, n in zip(messages, client_states, samples, strict=False):
+        content = RecordDict(
+            {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}
+        )
         replies.append(Message(content, reply_to=msg))
     return strategy.aggregate_train(1, replies)
 
 
 @pytest.fixture
 def strategy(flower_identity):
-    return build_fedit(compose_config(["federation.min_train_nodes=1", "federation.min_available_nodes=1"]))
+    return build_fedit(
+        compose_config(["federation.min_train_nodes=1", "federation.min_available_nodes=1"])
+    )
 
 
 def test_fedavg_equals_hand_computed_weighted_mean(strategy):
@@ -50,7 +59,7 @@ def test_fedavg_equals_hand_computed_weighted_mean(strategy):
     arrays, _ = _round(strategy, _state(0), clients, samples)
     result = arrays.to_torch_state_dict()
     for key in KEYS:
-        expected = sum(c[key] * n for c, n in zip(clients, samples)) / sum(samples)
+        expected = sum(c[key] * n for c, n in zip(clients, samples, strict=False)) / sum(samples)
         torch.testing.assert_close(result[key], expected, rtol=1e-6, atol=1e-6)
 
 
@@ -90,8 +99,13 @@ def test_uniform_weights_option(strategy):
 
 def test_server_optimizers_are_selectable(flower_identity):
     for name in ("fedadam", "fedyogi", "fedavgm", "fedprox"):
-        cfg = compose_config([f"strategy.server_optimizer={name}", "federation.min_train_nodes=1",
-                              "federation.min_available_nodes=1"])
+        cfg = compose_config(
+            [
+                f"strategy.server_optimizer={name}",
+                "federation.min_train_nodes=1",
+                "federation.min_available_nodes=1",
+            ]
+        )
         strategy = build_fedit(cfg)
         arrays, _ = _round(strategy, _state(0), [_state(1), _state(2)], [1, 1])
         assert set(arrays.keys()) == set(KEYS)

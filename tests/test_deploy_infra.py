@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from fedinstruct.deploy import DeploymentError, LocalDeployment, Topology, format_config
-from fedinstruct.deploy_network import netns_unavailable_reason
-from fedinstruct.deploy_process import flower_env
+from fedinstruct.deploy.network import netns_unavailable_reason
+from fedinstruct.deploy.process import flower_env
 
 REPO = Path(__file__).resolve().parents[1]
 

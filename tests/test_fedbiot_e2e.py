@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -30,8 +29,8 @@ SETTINGS = [
     "model=tiny",
     "model.tiny.num_hidden_layers=6",
     "strategy=fedbiot",
-    "strategy.fedbiot.pre_align_steps=6",
-    "strategy.fedbiot.align_steps=3",
+    "strategy.fedbiot.pre_align_steps=4",
+    "strategy.fedbiot.align_steps=2",
     "strategy.fedbiot.align_lr=2e-3",
     "strategy.fedbiot.public_samples=16",
     "dataset.samples_per_client=24",
@@ -58,16 +57,8 @@ class NodeList:
         return self.node_ids
 
 
-@pytest.fixture
-def server_identity():
-    """The identity a ServerApp process has, so Flower lets it create instruction messages."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
-
-
 def test_messages_down_hold_lora_and_emulator_once_and_up_only_adapter_lora(
-    tmp_path, server_identity
+    tmp_path, flower_identity
 ):
     cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
     strategy, server = build_fedbiot(cfg)
@@ -180,7 +171,7 @@ def test_fedbiot_config_is_checked():
         public_dataset(cfg)
 
 
-def test_a_client_without_the_emulator_says_what_to_do(tmp_path, server_identity, monkeypatch):
+def test_a_client_without_the_emulator_says_what_to_do(tmp_path, flower_identity, monkeypatch):
     monkeypatch.setenv("FEDINSTRUCT_CACHE", str(tmp_path))
     cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
     config = ConfigRecord({"server-round": 1, FINGERPRINT_KEY: "0123abcd"})

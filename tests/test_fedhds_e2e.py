@@ -15,8 +15,13 @@ def _rows(folder):
 
 @pytest.mark.parametrize("selection", ["fedhds", "fedhds_turbo"])
 def test_fedhds_trains_on_fewer_samples_than_all(tiny_config, selection):
-    cfg = tiny_config(f"selection={selection}", "num_rounds=2", "train.local_steps=3",
-                      "dataset.samples_per_client=40", "eval.every=0")
+    cfg = tiny_config(
+        f"selection={selection}",
+        "num_rounds=2",
+        "train.local_steps=3",
+        "dataset.samples_per_client=40",
+        "eval.every=0",
+    )
     rows = _rows(simulate(cfg))
     assert [r["round"] for r in rows] == [1, 2]
     total = 3 * 40

@@ -16,8 +16,11 @@ from fedinstruct.local_client import LocalClient
 
 def _context(partition_id: int = 0) -> Context:
     return Context(
-        run_id=1, node_id=7, node_config={"partition-id": partition_id, "num-partitions": 3},
-        state=RecordDict(), run_config={},
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition_id, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
     )
 
 
@@ -39,7 +42,8 @@ def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_ide
     state = modeling.initial_adapter_state(cfg.model, cfg.seed)
     msg = Message(
         RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7, message_type="train",
+        dst_node_id=7,
+        message_type="train",
     )
     reply = handle_train(cfg, msg, _context())
     content = reply.content
@@ -56,8 +60,11 @@ def test_select_reply_holds_only_centroids_and_integer_ids(tiny_config, flower_i
     cfg = tiny_config("selection=fedhds", "selection.fedhds.reducer=pca")
     loaded_state = modeling.initial_adapter_state(cfg.model, cfg.seed)
     msg = Message(
-        RecordDict({"arrays": ArrayRecord(loaded_state), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7, message_type="train.select",
+        RecordDict(
+            {"arrays": ArrayRecord(loaded_state), "config": ConfigRecord({"server-round": 1})}
+        ),
+        dst_node_id=7,
+        message_type="train.select",
     )
     reply = handle_select(cfg, msg, _context())
     content = reply.content
@@ -79,7 +86,8 @@ def test_no_token_ids_in_any_reply(tiny_config, flower_identity, selection):
     state = modeling.initial_adapter_state(cfg.model, cfg.seed)
     msg = Message(
         RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7, message_type="train",
+        dst_node_id=7,
+        message_type="train",
     )
     reply = handle_train(cfg, msg, _context())
     for record in reply.content.array_records.values():

@@ -23,8 +23,9 @@ def test_4bit_base_is_nf4_and_lora_trains(tiny_config):
     model = modeling.add_lora(base, cfg.model)
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     examples, _ = tokenize_dataset(make_synthetic_dataset(16, seed=1), tokenizer, max_length=96)
-    result = train_lora(model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=0,
-                        progress=False)
+    result = train_lora(
+        model, examples, cfg.train, pad_token_id=tokenizer.pad_token_id, seed=0, progress=False
+    )
     after = get_peft_model_state_dict(model)
     assert result.steps == 6 and result.tokens > 0
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -55,7 +56,10 @@ def test_initial_adapter_needs_no_weights(tiny_config):
             assert torch.count_nonzero(tensor) == 0
         else:
             assert tensor.abs().sum() > 0
-    assert torch.equal(state[next(iter(state))], modeling.initial_adapter_state(cfg.model, seed=3)[next(iter(state))])
+    assert torch.equal(
+        state[next(iter(state))],
+        modeling.initial_adapter_state(cfg.model, seed=3)[next(iter(state))],
+    )
 
 
 def test_prequantized_copy_matches_fresh_quantization(tiny_config):

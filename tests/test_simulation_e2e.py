@@ -18,23 +18,38 @@ def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[2]["eval_loss"] < rows[1]["eval_loss"] < rows[0]["eval_loss"], "held-out loss did not fall"
+    assert rows[2]["eval_loss"] < rows[1]["eval_loss"] < rows[0]["eval_loss"], (
+        "held-out loss did not fall"
+    )
     for row in rows[1:]:
-        for key in ("eval_rougeL", "train_samples", "bytes_down", "bytes_up", "time_round",
-                    "time_train_phase", "time_eval"):
+        for key in (
+            "eval_rougeL",
+            "train_samples",
+            "bytes_down",
+            "bytes_up",
+            "time_round",
+            "time_train_phase",
+            "time_eval",
+        ):
             assert key in row, f"metrics row lacks {key}"
         assert row["nodes_replied"] == 3
         assert row["train_samples"] == sum(row["train_samples_per_client"].values()) > 0
 
-    adapter_bytes = sum(t.numel() * 4 for t in modeling.initial_adapter_state(cfg.model, 0).values())
+    adapter_bytes = sum(
+        t.numel() * 4 for t in modeling.initial_adapter_state(cfg.model, 0).values()
+    )
     # each tensor travels with a small header: a visible share only for the tiny adapter
     assert adapter_bytes * 3 <= rows[1]["bytes_up"] <= 1.10 * adapter_bytes * 3
 
     first = load_file(str(folder / "adapters" / "round_001" / "adapter_model.safetensors"))
     second = load_file(str(folder / "adapters" / "round_002" / "adapter_model.safetensors"))
     initial = modeling.initial_adapter_state(cfg.model, cfg.seed)
-    assert any(not torch.equal(first[k], initial[k]) for k in initial), "round 1 did not change the adapter"
-    assert any(not torch.equal(first[k], second[k]) for k in first), "round 2 did not change the adapter"
+    assert any(not torch.equal(first[k], initial[k]) for k in initial), (
+        "round 1 did not change the adapter"
+    )
+    assert any(not torch.equal(first[k], second[k]) for k in first), (
+        "round 2 did not change the adapter"
+    )
 
     base, _ = modeling.load_base_model(cfg.model)
     peft_model = PeftModel.from_pretrained(base, str(folder / "adapters" / "final"))

@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 WEIGHT_KEY = "num-examples"
 
 
-def update_problem(
-    update: ArrayRecord, reference: dict[str, np.ndarray]
-) -> str | None:
+def update_problem(update: ArrayRecord, reference: dict[str, np.ndarray]) -> str | None:
     """Why `update` cannot be averaged into `reference`, or None when it can."""
     keys = set(update.keys())
     if keys != set(reference):
         missing, extra = sorted(set(reference) - keys), sorted(keys - set(reference))
-        return f"keys differ from the global adapter (missing {missing[:3]}, unexpected {extra[:3]})"
+        return (
+            f"keys differ from the global adapter (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     for key, array in update.items():
         values = array.numpy()
         if values.shape != reference[key].shape:
@@ -67,11 +67,15 @@ class AdapterAggregation:
         accepted: list[tuple[Message, float]] = []
         for msg in replies:
             if msg.has_error():
-                log.warning("node %s failed this round: %s", msg.metadata.src_node_id, msg.error.reason)
+                log.warning(
+                    "node %s failed this round: %s", msg.metadata.src_node_id, msg.error.reason
+                )
                 continue
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             if float(metrics.get(WEIGHT_KEY, 0)) <= 0:
-                log.info("node %s trained on no samples this round; left out", msg.metadata.src_node_id)
+                log.info(
+                    "node %s trained on no samples this round; left out", msg.metadata.src_node_id
+                )
                 continue
             update = next(iter(msg.content.array_records.values()), None)
             reason = "no adapter in reply" if update is None else None
@@ -89,8 +93,12 @@ class AdapterAggregation:
                 others = statistics.median([n for n in norms if n is not norm] or [norm])
                 if others > 0 and norm > self.reject_norm_ratio * others:
                     log.warning(
-                        "rejected update from node %s: norm %.3g is over %.0fx the others' median %.3g",
-                        msg.metadata.src_node_id, norm, self.reject_norm_ratio, others,
+                        "rejected update from node %s: norm %.3g is over %.0fx the median %.3g"
+                        " of the others",
+                        msg.metadata.src_node_id,
+                        norm,
+                        self.reject_norm_ratio,
+                        others,
                     )
                     continue
                 kept.append((msg, norm))

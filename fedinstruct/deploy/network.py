@@ -18,7 +18,7 @@ import socket
 import subprocess
 from typing import Protocol
 
-from fedinstruct.deploy_process import DeploymentError
+from fedinstruct.deploy.process import DeploymentError
 
 log = logging.getLogger("fedinstruct.deploy")
 

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fedinstruct.deploy_process import DeploymentError, ManagedProcess, stop_managed
-from fedinstruct.deploy_topology import ConfigValue
+from fedinstruct.deploy.process import DeploymentError, ManagedProcess, stop_managed
+from fedinstruct.deploy.topology import ConfigValue
 
 if TYPE_CHECKING:
-    from fedinstruct.deploy import LocalDeployment
+    from fedinstruct.deploy.local import LocalDeployment
 
 log = logging.getLogger("fedinstruct.deploy")
 

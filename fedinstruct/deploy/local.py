@@ -1,7 +1,7 @@
 """Run fedinstruct (or any Flower app) on a real SuperLink + SuperNodes topology on this host.
 
 Each component runs as its own Flower process, by default in its own network namespace (see
-`deploy_network`), with TLS and SuperNode authentication as on separate machines:
+`fedinstruct.deploy.network`), with TLS and SuperNode authentication as on separate machines:
 
     with LocalDeployment(app_dir=".", num_nodes=2, tls=True, auth=True) as dep:
         result = dep.run(timeout=600, run_config={"num-server-rounds": 1})
@@ -27,8 +27,8 @@ from typing import Any
 import psutil
 import tomli_w
 
-from fedinstruct.deploy_network import Network, ensure_port_free, free_port, open_network
-from fedinstruct.deploy_process import (
+from fedinstruct.deploy.network import Network, ensure_port_free, free_port, open_network
+from fedinstruct.deploy.process import (
     DeploymentError,
     Harvester,
     ManagedProcess,
@@ -42,39 +42,23 @@ from fedinstruct.deploy_process import (
     stop_processes,
     wait_for_log,
 )
-from fedinstruct.deploy_run import (
+from fedinstruct.deploy.run import (
     ANSI,
     CONNECTION,
     RunHandle,
     RunResult,
-    RunTimeout,
     nest_config,
     parse_json,
 )
-from fedinstruct.deploy_topology import (
+from fedinstruct.deploy.topology import (
     SUPERLINK_PORT,
-    SUPERNODE_RUNTIME_PORT,
     ConfigValue,
     Topology,
-    format_config,
 )
-
-__all__ = [
-    "CONNECTION",
-    "SUPERLINK_PORT",
-    "SUPERNODE_RUNTIME_PORT",
-    "DeploymentError",
-    "LocalDeployment",
-    "RunHandle",
-    "RunResult",
-    "RunTimeout",
-    "Topology",
-    "format_config",
-]
 
 log = logging.getLogger("fedinstruct.deploy")
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @dataclass
