@@ -14,11 +14,14 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fedinstruct import modeling
-from fedinstruct.client_app import handle_train
+from fedinstruct.client_app import handle_select, handle_train
+from fedinstruct.client_selection import SELECTED_KEY
 from fedinstruct.config import ConfigError, compose_config
 from fedinstruct.emulator import split_lora_state
 from fedinstruct.emulator_package import EMULATOR_RECORD, FINGERPRINT_KEY, cache_folder
 from fedinstruct.fedbiot_client import compressed_client_model
+from fedinstruct.run_output import RunOutput
+from fedinstruct.runner import SELECT_MESSAGE, FederatedRun
 from fedinstruct.simulation import simulate
 from fedinstruct.strategies.fedbiot import build_fedbiot, public_dataset
 
@@ -47,77 +50,95 @@ def layers_of(keys) -> set[int]:
     return {int(LAYER.search(k).group(1)) for k in keys}
 
 
-class NodeList:
-    """Stands in for the Grid's node listing, the only Grid call configure_train makes."""
+class InProcessGrid:
+    """A Grid that hands each pushed message straight to the real ClientApp handlers (one
+    Context per node) and keeps every message both ways for inspection."""
 
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
+    def __init__(self, cfg, num_nodes: int) -> None:
+        self.cfg = cfg
+        self.contexts = {
+            100 + i: Context(
+                run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+            )
+            for i in range(num_nodes)
+        }
+        self.log: list[tuple[Message, Message]] = []
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
-        return self.node_ids
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg_id = f"m{len(self.log)}"  # as Flower's
+            handler = handle_select if msg.metadata.message_type == SELECT_MESSAGE else handle_train
+            reply = handler(self.cfg, msg, self.contexts[msg.metadata.dst_node_id])
+            self.log.append((msg, reply))
+            self.replies[msg_id] = reply
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
-def test_messages_down_hold_lora_and_emulator_once_and_up_only_adapter_lora(
+def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_up(
     tmp_path, flower_identity
 ):
-    cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
+    cfg = compose_config(
+        [*SETTINGS, f"output_dir={tmp_path}", "selection=fedhds", "selection.fedhds.reducer=pca"]
+    )
     strategy, server = build_fedbiot(cfg)
+    grid = InProcessGrid(cfg, num_nodes=3)
+    FederatedRun(cfg, grid, strategy, server, RunOutput(tmp_path)).run()
     plan = server.plan
-    arrays, metrics = server.before_round(1, server.initial_arrays())
-    assert metrics["align_loss_after"] <= metrics["align_loss_before"]
-    lora_keys = set(arrays.keys())
-    emulator_lora, adapter_lora = split_lora_state(dict(arrays.items()), plan)
+    assert plan.num_compressed_layers == 4 < plan.num_layers == 6
+
+    # round 1: select then train, round 2: select then train; 3 nodes each time
+    kinds = [m.metadata.message_type for m, _ in grid.log]
+    assert kinds == ([SELECT_MESSAGE] * 3 + ["train"] * 3) * 2
+    first = {}
+    for msg, _ in grid.log:
+        first.setdefault(msg.metadata.dst_node_id, msg)
+    assert len({id(m.content) for m, _ in grid.log}) == len(grid.log)  # one RecordDict each
+    lora_keys = set(grid.log[0][0].content["arrays"].keys())
+    emulator_lora, adapter_lora = split_lora_state(dict.fromkeys(lora_keys), plan)
     assert all("lora_" in k for k in lora_keys)
-    assert layers_of(adapter_lora) == {2, 3} and layers_of(emulator_lora) == {0, 1}
+    assert layers_of(emulator_lora) == {0, 1} and layers_of(adapter_lora) == {2, 3}
 
-    nodes = [101, 102, 103]
-    down = list(strategy.configure_train(1, arrays, ConfigRecord(), NodeList(nodes)))
-    assert [m.metadata.dst_node_id for m in down] == nodes
-    assert len({id(m.content) for m in down}) == 3  # one RecordDict per message
-    for msg in down:
-        assert set(msg.content.array_records) == {"arrays", EMULATOR_RECORD, "emulator-tokenizer"}
+    for msg, reply in grid.log:
+        records = set(msg.content.array_records)
+        if msg is first[msg.metadata.dst_node_id]:  # the emulator goes down once per node
+            assert records == {"arrays", EMULATOR_RECORD, "emulator-tokenizer"}
+            weights = msg.content[EMULATOR_RECORD]
+            assert not any("lora_" in k for k in weights)
+            assert layers_of(k for k in weights if "layers." in k) == {0, 1, 2, 3}
+        else:
+            assert records == {"arrays"}
         assert set(msg.content["arrays"].keys()) == lora_keys
-        weights = msg.content[EMULATOR_RECORD]
-        assert not any("lora_" in k for k in weights.keys())
-        assert layers_of(k for k in weights.keys() if "layers." in k) == {0, 1, 2, 3}
-        assert plan.num_compressed_layers == 4 < plan.num_layers == 6
+        if msg.metadata.message_type == "train":
+            assert SELECTED_KEY in msg.content["config"]  # FedHDS's ids ride along
+            assert set(reply.content.array_records) == {"arrays"}
+            assert set(reply.content["arrays"].keys()) == set(adapter_lora)
+        assert not reply.content.config_records
+        for metrics in reply.content.metric_records.values():
+            assert all(isinstance(v, int | float) for v in metrics.values())
 
-    replies = []
-    for partition, msg in enumerate(down):
-        context = Context(
-            run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(), run_config={},
-            node_config={"partition-id": partition, "num-partitions": 3},
-        )
-        replies.append(handle_train(cfg, msg, context))
-        loaded, fresh = compressed_client_model(cfg, msg)
-        assert not fresh  # built once per process, reused
-        assert len(loaded.model.base_model.model.model.layers) == 4  # never the full model
-        trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
-        assert trainable and layers_of(trainable) == {2, 3}  # adapter LoRA only
-        client_emulator, _ = split_lora_state(get_peft_model_state_dict(loaded.model), plan)
-        # the emulator LoRA stayed frozen through local training
-        assert all(
-            torch.equal(client_emulator[k], torch.from_numpy(arrays[k].numpy()))
-            for k in emulator_lora
-        )
-    assert cache_folder(str(down[0].content["config"][FINGERPRINT_KEY])).is_dir()
-
-    for reply in replies:
-        assert set(reply.content.array_records) == {"arrays"} and not reply.content.config_records
-        assert set(reply.content["arrays"].keys()) == set(adapter_lora)
-        metrics = next(iter(reply.content.metric_records.values()))
-        assert all(isinstance(v, int | float) for v in metrics.values())
-
-    aggregated, _ = strategy.aggregate_train(1, replies)
-    merged = server.after_aggregation(arrays, aggregated)
-    assert set(merged.keys()) == lora_keys
-    assert all((merged[k].numpy() == arrays[k].numpy()).all() for k in emulator_lora)
-    assert any((merged[k].numpy() != arrays[k].numpy()).any() for k in adapter_lora)
-
-    again = list(strategy.configure_train(2, merged, ConfigRecord(), NodeList(nodes)))
-    for msg in again:  # the emulator went down once; now only the two LoRAs travel
-        assert set(msg.content.array_records) == {"arrays"}
-        assert set(msg.content["arrays"].keys()) == lora_keys
+    loaded, fresh = compressed_client_model(cfg, grid.log[-1][0])
+    assert not fresh  # built once per process, then reused
+    assert len(loaded.model.base_model.model.model.layers) == 4  # never the full model
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and layers_of(trainable) == {2, 3}  # adapter LoRA only
+    # the emulator LoRA the clients trained with is the server's, untouched by local training
+    sent = grid.log[-1][0].content["arrays"]
+    client_emulator, _ = split_lora_state(get_peft_model_state_dict(loaded.model), plan)
+    assert all(torch.equal(client_emulator[k], torch.from_numpy(sent[k].numpy())) for k in sent
+               if k in emulator_lora)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["selected_clusters"] > 0 and "emu_eval_rougeL" in r for r in rows[1:])
+    assert cache_folder(str(first[100].content["config"][FINGERPRINT_KEY])).is_dir()
 
 
 @pytest.fixture(scope="module")

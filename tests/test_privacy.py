@@ -11,7 +11,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedinstruct import modeling
 from fedinstruct.client_app import handle_select, handle_train
-from fedinstruct.local_client import LocalClient
 
 
 def _context(partition_id: int = 0) -> Context:
@@ -24,10 +23,11 @@ def _context(partition_id: int = 0) -> Context:
     )
 
 
-def _token_ids_of_client_data(cfg, tokenizer) -> set[int]:
-    client = LocalClient.create(cfg, {"partition-id": 0, "num-partitions": 3})
-    client.prepare(tokenizer)
-    return {t for ex in client.examples for t in ex.input_ids}
+def _message(state, message_type: str = "train") -> Message:
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}
+    )
+    return Message(content, dst_node_id=7, message_type=message_type)
 
 
 def _assert_only_numbers(content: RecordDict) -> None:
@@ -40,11 +40,7 @@ def _assert_only_numbers(content: RecordDict) -> None:
 def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_identity):
     cfg = tiny_config("train.local_steps=1")
     state = modeling.initial_adapter_state(cfg.model, cfg.seed)
-    msg = Message(
-        RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7,
-        message_type="train",
-    )
+    msg = _message(state)
     reply = handle_train(cfg, msg, _context())
     content = reply.content
     _assert_only_numbers(content)
@@ -58,14 +54,7 @@ def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_ide
 
 def test_select_reply_holds_only_centroids_and_integer_ids(tiny_config, flower_identity):
     cfg = tiny_config("selection=fedhds", "selection.fedhds.reducer=pca")
-    loaded_state = modeling.initial_adapter_state(cfg.model, cfg.seed)
-    msg = Message(
-        RecordDict(
-            {"arrays": ArrayRecord(loaded_state), "config": ConfigRecord({"server-round": 1})}
-        ),
-        dst_node_id=7,
-        message_type="train.select",
-    )
+    msg = _message(modeling.initial_adapter_state(cfg.model, cfg.seed), "train.select")
     reply = handle_select(cfg, msg, _context())
     content = reply.content
     _assert_only_numbers(content)
@@ -84,11 +73,7 @@ def test_no_token_ids_in_any_reply(tiny_config, flower_identity, selection):
     """No integer array at all comes back from training, so no token id can."""
     cfg = tiny_config(f"selection={selection}", "train.local_steps=1")
     state = modeling.initial_adapter_state(cfg.model, cfg.seed)
-    msg = Message(
-        RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
-        dst_node_id=7,
-        message_type="train",
-    )
+    msg = _message(state)
     reply = handle_train(cfg, msg, _context())
     for record in reply.content.array_records.values():
         for array in record.values():

@@ -312,8 +312,7 @@ class FedBiOT(AdapterAggregation, FedAvg):
         super().__init__(**kwargs)
         self.server = server
         self._served: set[int] = set()  # nodes given the emulator by this server process
-        self._pending: set[int] = set()  # ... whose reply has not confirmed it yet
-        self._destinations: set[int] = set()
+        self._destinations: set[int] = set()  # nodes of the last configure_* call
 
     def upload_reference(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
         """Clients send the adapter LoRA only."""
@@ -335,18 +334,15 @@ class FedBiOT(AdapterAggregation, FedAvg):
                 records.update(package.records())
                 config[MODEL_CONFIG_KEY] = package.model_config
                 self._served.add(node)
-                self._pending.add(node)
             records[config_key] = config
             msg.content = RecordDict(records)
         return messages
 
     def _settle_deliveries(self, replies: list[Message]) -> None:
-        """Forget deliveries a node may have missed, so it gets the emulator again."""
+        """A node that failed or did not reply gets the emulator again: it may have lost it
+        (or never got it), and a restarted node may be a fresh machine."""
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        failed = {r.metadata.src_node_id for r in replies if r.has_error()}
-        unconfirmed = (self._pending & self._destinations) - ok
-        self._served -= failed | unconfirmed
-        self._pending -= self._destinations
+        self._served -= self._destinations - ok
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
