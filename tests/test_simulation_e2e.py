@@ -13,7 +13,9 @@ from fedinstruct.simulation import simulate
 
 
 def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
-    cfg = tiny_config("num_rounds=2", "train.local_steps=6")
+    cfg = tiny_config(
+        "num_rounds=2", "train.local_steps=6", "eval.federated=true", "eval.federated_fraction=0.25"
+    )
     folder = simulate(cfg)
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -33,6 +35,7 @@ def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
         ):
             assert key in row, f"metrics row lacks {key}"
         assert row["nodes_replied"] == 3
+        assert row["fed_eval_loss"] > 0, "federated evaluation on the clients' shares is missing"
         assert row["train_samples"] == sum(row["train_samples_per_client"].values()) > 0
 
     adapter_bytes = sum(

@@ -1,0 +1,343 @@
+"""Warm app processes: Flower's ClientApp/ServerApp processes start from a pre-imported parent.
+
+A SuperNode starts a fresh `flwr-clientapp` process for every message, and a SuperLink a fresh
+`flwr-serverapp` for every run. For an LLM app, importing torch, transformers and peft takes
+most of that start (15 s of CPU on a small machine, per message and per node). Here a
+long-lived server imports those once; the `flwr-clientapp` that Flower launches (found first on
+the PATH) is a small launcher that hands its arguments, environment and stdio to the server,
+which forks a child that runs Flower's real entry point and reports its exit code back.
+
+- Each task still is its own process, with Flower's own code path, token and exit codes.
+- The app's own modules are dropped after the warm-up, so each child imports the app from the
+  FAB that Flower installed for the run (the submitted code, not the code pre-imported here).
+- Without a server (not started, crashed) the launcher runs the real command instead.
+
+    python -m fedinstruct.deploy.warm --socket /run/fi/node.sock --preload fedinstruct.client_app \\
+        --forget-under /src/app --shims /run/fi/bin flwr-clientapp
+    PATH=/run/fi/bin:$PATH FEDINSTRUCT_WARM_SOCKET=/run/fi/node.sock flower-supernode ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import gc
+import importlib
+import json
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+log = logging.getLogger("fedinstruct.deploy")
+
+SOCKET_ENV = "FEDINSTRUCT_WARM_SOCKET"
+READY = "warm app server ready"
+HEADER = struct.Struct("!I")  # length of the JSON request that follows
+PID = struct.Struct("!q")  # server -> launcher: the child's pid (0: refused, run it yourself)
+EXIT = struct.Struct("!i")  # server -> launcher: the child's exit code
+
+LAUNCHER = '''#!{python} -S
+"""{command}: run by the warm app server at ${env} (see fedinstruct.deploy.warm)."""
+import array, json, os, signal, socket, struct, sys
+
+REAL = {real!r}
+
+
+def cold():
+    os.execv(REAL, [REAL, *sys.argv[1:]])
+
+
+try:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(os.environ["{env}"])
+except (KeyError, OSError):
+    cold()
+fds = []
+for fd in (0, 1, 2):
+    try:
+        os.fstat(fd)
+        fds.append(fd)
+    except OSError:
+        pass
+request = json.dumps({{"command": {command!r}, "argv": sys.argv[1:], "cwd": os.getcwd(),
+                      "env": dict(os.environ), "fds": fds}}).encode()
+conn.sendmsg([struct.pack("!I", len(request)) + request],
+             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def receive(size):
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+answer = receive(8)
+child = struct.unpack("!q", answer)[0] if answer else 0
+if child <= 0:
+    conn.close()
+    cold()
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda number, frame: os.kill(child, number))
+status = receive(4)
+sys.exit(struct.unpack("!i", status)[0] if status else 1)
+'''
+
+
+def write_launchers(folder: Path, commands: Iterable[str], python: str = sys.executable) -> Path:
+    """Write one launcher per Flower command into folder (put it first on the PATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(python).parent
+    for command in commands:
+        real = bin_dir / command
+        path = folder / command
+        path.write_text(LAUNCHER.format(python=python, command=command, env=SOCKET_ENV,
+                                        real=str(real if real.exists() else command)))
+        path.chmod(0o755)
+    return folder
+
+
+def entry_point(command: str):
+    """The function a console script runs (e.g. flwr-clientapp -> flwr_clientapp)."""
+    found = entry_points(group="console_scripts", name=command)
+    if not found:
+        raise LookupError(f"no console script named {command!r} is installed")
+    return next(iter(found)).load()
+
+
+def warm_up(modules: Sequence[str], forget_under: Path | None) -> list[str]:
+    """Import modules (a failure is logged, not fatal); then drop those under forget_under."""
+    loaded = []
+    for module in modules:
+        start = time.perf_counter()
+        try:
+            importlib.import_module(module)
+            loaded.append(module)
+            log.info("pre-imported %s in %.1f s", module, time.perf_counter() - start)
+        except Exception:  # the child imports it again and reports the error properly
+            log.exception("could not pre-import %s; children will import it themselves", module)
+    if forget_under is not None:
+        root = str(forget_under.resolve()) + os.sep
+        own = [name for name, mod in sys.modules.items()
+               if (getattr(mod, "__file__", None) or "").startswith(root)]
+        for name in own:
+            del sys.modules[name]
+        log.info("dropped %d modules under %s (children import them from the FAB)", len(own),
+                 forget_under)
+    gc.collect()
+    gc.freeze()  # keep the garbage collector from touching (and copying) the shared pages
+    return loaded
+
+
+def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    fd_space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
+    data, ancillary, _, _ = conn.recvmsg(1 << 16, fd_space)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+    if len(data) < HEADER.size:
+        raise ValueError("short request")
+    (size,) = HEADER.unpack_from(data)
+    body = data[HEADER.size:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("request cut short")
+        body += chunk
+    return json.loads(body), fds
+
+
+def _run_child(request: dict, fds: list[int]) -> int:
+    """In the forked child: become the requested Flower command; return its exit code."""
+    for target, fd in zip(request["fds"], fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    random.seed()  # a fresh process would not share its parent's random state
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+    sys.argv = [request["command"], *request["argv"]]
+    try:
+        entry_point(request["command"])()
+    except SystemExit as done:
+        code = done.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+class WarmServer:
+    """Accepts launcher requests on a Unix socket and forks a child for each (one thread)."""
+
+    def __init__(self, socket_path: Path, commands: Sequence[str]) -> None:
+        self.socket_path, self.commands = socket_path, set(commands)
+        self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
+        self._stop = False
+
+    def serve(self) -> None:
+        if threading.active_count() > 1:
+            log.warning("%d threads run before forking; children get only this one",
+                        threading.active_count())
+        self.socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.socket_path))
+        listener.listen(64)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        print(f"{READY} on {self.socket_path} for {sorted(self.commands)}", flush=True)
+        try:
+            while not self._stop:
+                watched = [listener, *self.children.values()]
+                try:
+                    readable, _, _ = select.select(watched, [], [], 0.2)
+                except InterruptedError:
+                    readable = []
+                for ready in readable:
+                    if ready is listener:
+                        self._accept(listener)
+                    else:
+                        self._launcher_gone(ready)
+                self._reap()
+        finally:
+            listener.close()
+            self.socket_path.unlink(missing_ok=True)
+            self._stop_children()
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self._stop = True
+
+    def _accept(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        fds: list[int] = []
+        try:
+            request, fds = _receive_request(conn)
+            if request["command"] not in self.commands:
+                raise ValueError(f"command {request['command']!r} is not served here")
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("refused a launcher request (%s); it runs the command itself", err)
+            for fd in fds:
+                os.close(fd)
+            with _quiet():
+                conn.sendall(PID.pack(0))
+            conn.close()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the server loop
+            code = 1
+            try:
+                for other in self.children.values():
+                    other.close()
+                conn.close()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                code = _run_child(request, fds)
+            finally:
+                with _quiet():
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        with _quiet():
+            conn.sendall(PID.pack(pid))
+        log.info("%s started as pid %d", request["command"], pid)
+
+    def _launcher_gone(self, conn: socket.socket) -> None:
+        """The launcher closed its end (it was killed): stop its child as well."""
+        with _quiet():
+            if conn.recv(1):
+                return
+        for pid, other in list(self.children.items()):
+            if other is conn:
+                log.info("launcher of pid %d is gone; stopping it", pid)
+                with _quiet():
+                    os.kill(pid, signal.SIGTERM)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            with _quiet():
+                conn.sendall(EXIT.pack(code if code >= 0 else 128 - code))
+            conn.close()
+
+    def _stop_children(self) -> None:
+        for pid in list(self.children):
+            with _quiet():
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.1)
+        for pid in list(self.children):
+            with _quiet():
+                os.kill(pid, signal.SIGKILL)
+        self._reap()
+
+
+class _quiet:
+    """Ignore OSError (a peer already gone) around one step."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, *rest: object) -> bool:
+        return kind is not None and issubclass(kind, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("commands", nargs="+", help="Flower commands to serve, e.g. flwr-clientapp")
+    parser.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
+    parser.add_argument("--preload", action="append", default=[], help="module to pre-import")
+    parser.add_argument("--forget-under", type=Path,
+                        help="drop pre-imported modules from this folder (the app's source)")
+    parser.add_argument("--shims", type=Path, help="also write the launchers into this folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s warm %(levelname)s %(message)s")
+    for command in args.commands:
+        entry_point(command)  # fail now, not in every child
+    if args.shims:
+        write_launchers(args.shims, args.commands)
+    warm_up(args.preload, args.forget_under)
+    WarmServer(args.socket, args.commands).serve()
+
+
+if __name__ == "__main__":
+    main()

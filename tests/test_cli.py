@@ -1,0 +1,51 @@
+"""The `fedinstruct` command: Hydra overrides, a `-m` sweep with its summary, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import TINY_RUN
+
+CLI = [sys.executable, "-m", "fedinstruct.cli"]
+
+
+def _run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_sweep_runs_each_job_and_summarises(tmp_path):
+    args = [
+        "-m",
+        *TINY_RUN,
+        "num_rounds=1",
+        "train.local_steps=2",
+        "eval.max_new_tokens=4",
+        "seed=1,2",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    result = _run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    rows = [
+        line for line in summary.splitlines() if line.startswith("| 0") or line.startswith("| 1")
+    ]
+    assert len(rows) == 2 and "seed=1" in rows[0] and "seed=2" in rows[1]
+    for job in ("0", "1"):
+        metrics = (tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(metrics[-1])["round"] == 1
+        assert (tmp_path / "sweep" / job / "adapters" / "final" / "adapter_config.json").exists()
+
+
+def test_unknown_key_and_bad_value_fail_fast_with_the_name(tmp_path):
+    unknown = _run(["model=tiny", "train.lrx=1"], tmp_path)
+    assert unknown.returncode != 0 and "train.lrx" in unknown.stderr
+    bad = _run(["model=tiny", "model.quantization=3bit"], tmp_path)
+    assert bad.returncode == 2
+    assert "model.quantization must be one of" in bad.stderr
+    assert "Base model loaded" not in bad.stderr + bad.stdout
