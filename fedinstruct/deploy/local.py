@@ -14,9 +14,11 @@ Each component runs as its own Flower process, by default in its own network nam
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +28,9 @@ from typing import Any
 
 import psutil
 import tomli_w
+from flwr.common.config import get_project_config
 
+from fedinstruct.deploy.credentials import make_certs, make_node_keys, write_connection
 from fedinstruct.deploy.network import Network, ensure_port_free, free_port, open_network
 from fedinstruct.deploy.process import (
     DeploymentError,
@@ -55,10 +59,9 @@ from fedinstruct.deploy.topology import (
     ConfigValue,
     Topology,
 )
+from fedinstruct.deploy.warm import READY, SOCKET_ENV
 
 log = logging.getLogger("fedinstruct.deploy")
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @dataclass
@@ -72,6 +75,7 @@ class NodeHandle:
     process: ManagedProcess
     member: str
     node_id: int | None = None
+    warm: ManagedProcess | None = None  # its warm ClientApp server (warm=True)
 
 
 class LocalDeployment:
@@ -80,7 +84,9 @@ class LocalDeployment:
     Use as a context manager: entering starts everything (certificates, keys, SuperLink,
     node registration, SuperNodes); leaving stops every process and checks none is left.
     Logs and generated files go to `workdir`; without one, a temporary folder that is removed
-    after a clean stop unless keep_workdir=True.
+    after a clean stop unless keep_workdir=True. With warm=True (default) every SuperNode and
+    the SuperLink start their app processes from a pre-imported parent (see
+    `fedinstruct.deploy.warm`) instead of a cold Python start per message.
     """
 
     def __init__(self, app_dir: str | Path, num_nodes: int = 2, *, tls: bool = True,
@@ -91,7 +97,8 @@ class LocalDeployment:
                  database: str | None = "state.db", superlink_port: int | None = None,
                  env: Mapping[str, str] | None = None,
                  node_env: Sequence[Mapping[str, str]] | None = None,
-                 start_timeout: float = 120.0, keep_workdir: bool = False) -> None:
+                 start_timeout: float = 120.0, keep_workdir: bool = False,
+                 warm: bool = True) -> None:
         self.app_dir = Path(app_dir).resolve()
         if not (self.app_dir / "pyproject.toml").is_file():
             raise DeploymentError(f"app_dir {self.app_dir} has no pyproject.toml")
@@ -116,6 +123,9 @@ class LocalDeployment:
         self._streams: list[ManagedProcess] = []
         self._runs = 0
         self._harvester = Harvester()
+        self.warm = warm
+        self.superlink_warm: ManagedProcess | None = None
+        self._sockets: str | None = None  # short folder: Unix socket paths are limited
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> LocalDeployment:
@@ -146,11 +156,12 @@ class LocalDeployment:
             ensure_port_free(link_host, port, "SuperLink")
         self.superlink_address = f"{link_host}:{port}"
         if self.certs_dir is not None:
-            self._script("make-certs.sh", str(self.certs_dir), "localhost", "127.0.0.1", link_host)
+            make_certs(self.certs_dir, "localhost", "127.0.0.1", link_host)
         names = [self.topology.node_name(i) for i in range(self.topology.num_nodes)]
         if self.keys_dir is not None:
-            self._script("make-node-keys.sh", str(self.keys_dir), *names)
-        self._write_connection()
+            make_node_keys(self.keys_dir, *names)
+        write_connection(self.ctl_home, CONNECTION, self.superlink_address,
+                         self.certs_dir / "ca.crt" if self.certs_dir else None)
         self._start_superlink(bind, port)
         node_ids = self._register(*names) if self.keys_dir is not None else {}
         for index, name in enumerate(names):
@@ -158,6 +169,9 @@ class LocalDeployment:
             self.nodes[name].node_id = node_ids.get(name)
         for handle in list(self.nodes.values()):
             self.wait_node(handle.name)
+        for warm in [self.superlink_warm, *(h.warm for h in self.nodes.values())]:
+            if warm is not None:
+                wait_for_log(warm, READY, self.start_timeout)
         log.info("deployment ready: SuperLink %s (%s network), nodes %s", self.superlink_address,
                  self.network.kind, {n: h.node_id for n, h in self.nodes.items()})
 
@@ -165,8 +179,9 @@ class LocalDeployment:
         """Stop runs' log streams, nodes, SuperLink; remove namespaces; verify nothing is left."""
         errors = []
         # Nodes first (they deactivate themselves at the SuperLink), then the SuperLink.
-        phases = [[*self._streams, *(h.process for h in self.nodes.values())],
-                  [self.superlink] if self.superlink else []]
+        phases = [[*self._streams, *(p for h in self.nodes.values() for p in (h.process, h.warm)
+                                     if p is not None)],
+                  [p for p in (self.superlink, self.superlink_warm) if p is not None]]
         for phase in phases:
             try:
                 stop_managed(*phase)
@@ -184,6 +199,8 @@ class LocalDeployment:
         if left:
             errors.append(f"processes left after stop: {describe(left)}")
         log.info("deployment stopped%s", f" with errors: {errors}" if errors else "")
+        if self._sockets:
+            shutil.rmtree(self._sockets, ignore_errors=True)
         if self._tmp and not errors and not self.keep_workdir:
             shutil.rmtree(self._tmp, ignore_errors=True)
         if errors and check:
@@ -192,37 +209,37 @@ class LocalDeployment:
     def leftover_processes(self) -> list[psutil.Process]:
         """Processes of this deployment still running (should be empty after stop())."""
         tracked: dict[int, psutil.Process] = {}
-        for proc in [*self._streams, *(h.process for h in self.nodes.values())]:
-            tracked.update(proc.tracked)
-        if self.superlink is not None:
-            tracked.update(self.superlink.tracked)
+        for proc in [*self._streams, self.superlink, self.superlink_warm,
+                     *(p for h in self.nodes.values() for p in (h.process, h.warm))]:
+            if proc is not None:
+                tracked.update(proc.tracked)
         if self.network is not None:
             for proc in processes_of(self.network.pids()):
                 tracked.setdefault(proc.pid, proc)
         return living(tracked.values())
 
     # ----------------------------------------------------------------- components
-    def _script(self, name: str, *args: str) -> None:
-        script = SCRIPTS / name
-        if not script.is_file():
-            raise DeploymentError(f"{script} not found: run from a fedinstruct source checkout")
-        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
-                                check=False)
-        if result.returncode != 0:
-            raise DeploymentError(f"{name} failed: {result.stderr.strip()}")
-        log.info("%s: %s", name, result.stdout.strip().replace("\n", "; "))
-
-    def _write_connection(self) -> None:
-        connection: dict[str, Any] = {"address": self.superlink_address}
-        if self.certs_dir is not None:
-            connection["root-certificates"] = str(self.certs_dir / "ca.crt")
-        else:
-            connection["insecure"] = True
-        self.ctl_home.mkdir(parents=True, exist_ok=True)
-        text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
-        (self.ctl_home / "config.toml").write_text(text)
-        log.info("flwr connection %r -> %s in %s", CONNECTION, self.superlink_address,
-                 self.ctl_home / "config.toml")
+    def _start_warm(self, owner: str, member: str, command: str,
+                    env: dict[str, str]) -> ManagedProcess | None:
+        """Start owner's warm app server (not waited for) and route `command` in env to it."""
+        if not self.warm:
+            return None
+        assert self.network is not None
+        component = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}[command]
+        app_ref = get_project_config(self.app_dir)["tool"]["flwr"]["app"]["components"]
+        if self._sockets is None:
+            self._sockets = tempfile.mkdtemp(prefix="fiw-")
+        socket_path = Path(self._sockets) / f"{owner}.sock"
+        shims = self.workdir / owner / "warm-bin"
+        argv = [*self.network.exec_prefix(member), sys.executable, "-m",
+                "fedinstruct.deploy.warm", command, "--socket", str(socket_path),
+                "--shims", str(shims), "--forget-under", str(self.app_dir),
+                "--preload", app_ref[component].split(":")[0]]
+        process = self._harvester.watch(start_process(
+            f"{owner}-warm", argv, self.workdir / f"{owner}-warm.log", env))
+        env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
+        env[SOCKET_ENV] = str(socket_path)
+        return process
 
     def _member_env(self, member: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return flower_env(self.workdir / member / "flwr-home", {**self.env, **(extra or {})})
@@ -236,8 +253,10 @@ class LocalDeployment:
         argv = [*self.network.exec_prefix("superlink"), flower_executable("flower-superlink"),
                 *self.topology.superlink_args(host=bind, port=port, certs_dir=self.certs_dir,
                                               database=database)]
+        env = self._member_env("superlink")
+        self.superlink_warm = self._start_warm("superlink", "superlink", "flwr-serverapp", env)
         self.superlink = self._harvester.watch(start_process(
-            "superlink", argv, self.workdir / "superlink.log", self._member_env("superlink")))
+            "superlink", argv, self.workdir / "superlink.log", env))
         wait_for_log(self.superlink, r"Starting Flower SuperExec", self.start_timeout,
                      failure_patterns=[r"address already in use", r"Exit Code: \d+"])
 
@@ -258,7 +277,7 @@ class LocalDeployment:
         member = f"n{len(self.nodes)}"
         address = self.network.add_member(member)
         if self.keys_dir is not None and not (self.keys_dir / name).exists():
-            self._script("make-node-keys.sh", str(self.keys_dir), name)
+            make_node_keys(self.keys_dir, name)
         node_id = None
         if self.keys_dir is not None and register:
             node_id = self._register(name)[name]
@@ -269,12 +288,15 @@ class LocalDeployment:
             keys_dir=self.keys_dir, host=host, port=port, key_name=name, node_config=node_config)
         argv = [*self.network.exec_prefix(member), flower_executable("flower-supernode"), *args]
         env = self._member_env(name, self.node_env[index] if index is not None else {})
+        warm = self._start_warm(name, member, "flwr-clientapp", env)
         process = self._harvester.watch(start_process(name, argv, self.workdir / f"{name}.log",
                                                       env))
-        handle = NodeHandle(name, index, argv, env, process, member, node_id)
+        handle = NodeHandle(name, index, argv, env, process, member, node_id, warm)
         self.nodes[name] = handle
         if wait:
             self.wait_node(name)
+            if warm is not None:
+                wait_for_log(warm, READY, self.start_timeout)
         return handle
 
     def wait_node(self, name: str, offset: int = 0) -> int:
@@ -307,7 +329,7 @@ class LocalDeployment:
         """Stop a node and everything it spawned (SIGKILL by default: like a crash)."""
         handle = self.nodes[self._name(name_or_index)]
         log.info("killing node %s with signal %d", handle.name, sig)
-        stop_managed(handle.process, sig=sig)
+        stop_managed(*(p for p in (handle.process, handle.warm) if p is not None), sig=sig)
 
     def restart_node(self, name_or_index: str | int, wait: bool = True) -> NodeHandle:
         """Start a stopped (or running: it is stopped first) node again with the same command.
@@ -317,8 +339,16 @@ class LocalDeployment:
         wait=True the start is retried until start_timeout.
         """
         handle = self.nodes[self._name(name_or_index)]
-        if handle.process.alive():
-            stop_managed(handle.process)
+        running = [p for p in (handle.process, handle.warm) if p is not None and p.alive()]
+        if running:
+            stop_managed(*running)
+        warm_offset = 0
+        if handle.warm is not None:
+            old_warm = handle.warm
+            warm_offset = old_warm.log_path.stat().st_size
+            handle.warm = self._harvester.watch(start_process(
+                old_warm.name, old_warm.argv, old_warm.log_path, handle.env))
+            handle.warm.tracked.update(old_warm.tracked)
         deadline = time.monotonic() + self.start_timeout
         while True:
             offset = handle.process.log_path.stat().st_size
@@ -330,6 +360,8 @@ class LocalDeployment:
                 return handle
             try:
                 self.wait_node(handle.name, offset=offset)
+                if handle.warm is not None:
+                    wait_for_log(handle.warm, READY, self.start_timeout, offset=warm_offset)
                 return handle
             except DeploymentError:
                 refused = "Failed to activate SuperNode" in handle.process.log_text()[offset:]

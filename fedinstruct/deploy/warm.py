@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import gc
 import importlib
 import json
@@ -168,6 +169,9 @@ def _run_child(request: dict, fds: list[int]) -> int:
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
+    log.handlers.clear()  # the server's log handler is not the child's
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
     os.environ.clear()
     os.environ.update(request["env"])
     random.seed()  # a fresh process would not share its parent's random state
@@ -196,6 +200,7 @@ class WarmServer:
     def __init__(self, socket_path: Path, commands: Sequence[str]) -> None:
         self.socket_path, self.commands = socket_path, set(commands)
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
+        self.orphans: set[int] = set()  # children whose launcher was killed (signalled)
         self._stop = False
 
     def serve(self) -> None:
@@ -231,6 +236,7 @@ class WarmServer:
         self._stop = True
 
     def _accept(self, listener: socket.socket) -> None:
+        """Receive one request; fork its child (or refuse: the launcher then runs cold)."""
         conn, _ = listener.accept()
         fds: list[int] = []
         try:
@@ -241,7 +247,7 @@ class WarmServer:
             log.warning("refused a launcher request (%s); it runs the command itself", err)
             for fd in fds:
                 os.close(fd)
-            with _quiet():
+            with contextlib.suppress(OSError):
                 conn.sendall(PID.pack(0))
             conn.close()
             return
@@ -251,33 +257,33 @@ class WarmServer:
         if pid == 0:  # the child: never returns into the server loop
             code = 1
             try:
-                for other in self.children.values():
+                for other in [listener, conn, *self.children.values()]:
                     other.close()
-                conn.close()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 code = _run_child(request, fds)
             finally:
-                with _quiet():
+                with contextlib.suppress(OSError):
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
-        with _quiet():
+        with contextlib.suppress(OSError):
             conn.sendall(PID.pack(pid))
         log.info("%s started as pid %d", request["command"], pid)
 
     def _launcher_gone(self, conn: socket.socket) -> None:
         """The launcher closed its end (it was killed): stop its child as well."""
-        with _quiet():
+        with contextlib.suppress(OSError):
             if conn.recv(1):
                 return
         for pid, other in list(self.children.items()):
-            if other is conn:
-                log.info("launcher of pid %d is gone; stopping it", pid)
-                with _quiet():
+            if other is conn and pid not in self.orphans:
+                log.info("the launcher of pid %d is gone; stopping it", pid)
+                self.orphans.add(pid)
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
 
     def _reap(self) -> None:
@@ -289,35 +295,26 @@ class WarmServer:
             if pid == 0:
                 return
             conn = self.children.pop(pid, None)
+            self.orphans.discard(pid)
             if conn is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            with _quiet():
+            with contextlib.suppress(OSError):
                 conn.sendall(EXIT.pack(code if code >= 0 else 128 - code))
             conn.close()
 
     def _stop_children(self) -> None:
         for pid in list(self.children):
-            with _quiet():
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         while self.children and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.1)
         for pid in list(self.children):
-            with _quiet():
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         self._reap()
-
-
-class _quiet:
-    """Ignore OSError (a peer already gone) around one step."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, *rest: object) -> bool:
-        return kind is not None and issubclass(kind, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -329,8 +326,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="drop pre-imported modules from this folder (the app's source)")
     parser.add_argument("--shims", type=Path, help="also write the launchers into this folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s warm %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s warm %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     for command in args.commands:
         entry_point(command)  # fail now, not in every child
     if args.shims:
