@@ -38,6 +38,9 @@ def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
         assert row["fed_eval_loss"] > 0, "federated evaluation on the clients' shares is missing"
         assert row["train_samples"] == sum(row["train_samples_per_client"].values()) > 0
 
+    assert rows[1]["time_client_load"] > 0
+    assert rows[2]["time_client_load"] == 0, "a client process reloaded its base model"
+
     adapter_bytes = sum(
         t.numel() * 4 for t in modeling.initial_adapter_state(cfg.model, 0).values()
     )
