@@ -133,9 +133,6 @@ class EmulatorPackage:
             }
         return self._records
 
-    def num_bytes(self) -> int:
-        return sum(len(a.data) for record in self.records().values() for a in record.values())
-
     def save(self, folder: str | Path) -> Path:
         """Write the package as a folder clients can use as `strategy.fedbiot.emulator_path`."""
         folder = Path(folder).expanduser()

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -66,21 +67,23 @@ def exchange(
         if msg.metadata.dst_node_id not in destinations.values()
     }
     pending = set(destinations)
+    too_late = f"no reply within federation.round_timeout={timeout:g} s"
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending:
         for reply in grid.pull_messages(pending):
             msg_id = reply.metadata.reply_to_message_id
             pending.discard(msg_id)
-            if reply.has_error():
-                failures[destinations[msg_id]] = reply.error.reason
+            if reply.has_error():  # the message expires with the round: "unavailable"
+                expired = reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+                failures[destinations[msg_id]] = too_late if expired else reply.error.reason
             else:
                 replies.append(reply)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll_interval)
     for msg_id in pending:
-        failures[destinations[msg_id]] = f"no reply within federation.round_timeout={timeout:g} s"
+        failures[destinations[msg_id]] = too_late
     for node_id, reason in failures.items():
         log.warning("%s: node %s lost: %s", label, node_id, reason)
     if len(replies) < min_replies:

@@ -7,7 +7,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -16,6 +18,7 @@ import pytest
 from fedinstruct.deploy import DeploymentError, LocalDeployment, Topology, format_config
 from fedinstruct.deploy.network import netns_unavailable_reason
 from fedinstruct.deploy.process import flower_env
+from fedinstruct.deploy.warm import READY, SOCKET_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,3 +229,31 @@ def test_scripts_are_idempotent(tmp_path):
     assert "DNS:superlink" in san and "IP Address:127.0.0.1" in san
     assert (keys / "node-0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert oct(os.stat(keys / "node-0").st_mode & 0o777) == "0o600"
+
+
+def test_warm_launcher_forks_flower_commands_and_runs_cold_without_a_server(tmp_path):
+    sock, shims = tmp_path / "warm.sock", tmp_path / "bin"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fedinstruct.deploy.warm", "flwr-clientapp", "--socket", str(sock),
+         "--shims", str(shims), "--app", "fedinstruct.logs"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sock.exists(), "the warm server did not start"
+        launcher = str(shims / "flwr-clientapp")
+        env = {**os.environ, SOCKET_ENV: str(sock)}
+        ok = subprocess.run([launcher, "--help"], env=env, capture_output=True, text=True)
+        assert ok.returncode == 0 and "usage: flwr-clientapp" in ok.stdout
+        bad = subprocess.run([launcher, "--token-file"], env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and "expected one argument" in bad.stderr  # argparse's code
+        cold = subprocess.run([launcher, "--help"], capture_output=True, text=True,
+                              env={**os.environ, SOCKET_ENV: str(tmp_path / "none.sock")})
+        assert cold.returncode == 0 and "usage: flwr-clientapp" in cold.stdout
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert READY in out and out.count("flwr-clientapp started as pid") == 2
+    assert "dropped the" in out and "modules of fedinstruct" in out
+    assert server.returncode == 0 and not sock.exists()

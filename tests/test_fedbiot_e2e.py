@@ -18,7 +18,12 @@ from fedinstruct.client_app import handle_select, handle_train
 from fedinstruct.client_selection import SELECTED_KEY
 from fedinstruct.config import ConfigError, compose_config
 from fedinstruct.emulator import split_lora_state
-from fedinstruct.emulator_package import EMULATOR_RECORD, FINGERPRINT_KEY, cache_folder
+from fedinstruct.emulator_package import (
+    EMULATOR_RECORD,
+    FINGERPRINT_KEY,
+    cache_folder,
+    emulator_folder,
+)
 from fedinstruct.fedbiot_client import compressed_client_model
 from fedinstruct.run_output import RunOutput
 from fedinstruct.runner import SELECT_MESSAGE, FederatedRun
@@ -90,7 +95,8 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
 ):
     cfg = compose_config(
         [*SETTINGS, f"output_dir={tmp_path}", "selection=fedhds", "selection.fedhds.reducer=pca",
-         "selection.fedhds.keep_noise=true", "num_rounds=1"]
+         "selection.fedhds.keep_noise=true", "num_rounds=1", "eval.every=0",
+         "strategy.fedbiot.pre_align_steps=2"]
     )
     strategy, server = build_fedbiot(cfg)
     grid = InProcessGrid(cfg, num_nodes=3)
@@ -139,9 +145,9 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
     assert all(torch.equal(client_emulator[k], torch.from_numpy(sent[k].numpy())) for k in sent
                if k in emulator_lora)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["local_clusters"] > 0 and rows[1]["train_samples"] > 0
-    assert "emu_eval_rougeL" in rows[1]
-    assert rows[1]["align_loss_after"] <= rows[1]["align_loss_before"]
+    assert [r["round"] for r in rows] == [1]
+    assert rows[0]["local_clusters"] > 0 and rows[0]["train_samples"] > 0
+    assert rows[0]["align_loss_after"] <= rows[0]["align_loss_before"]
     assert cache_folder(str(first[100].content["config"][FINGERPRINT_KEY])).is_dir()
 
 
@@ -203,3 +209,18 @@ def test_a_client_without_the_emulator_says_what_to_do(tmp_path, flower_identity
     msg = Message(RecordDict({"config": config}), dst_node_id=5, message_type="train")
     with pytest.raises(FileNotFoundError, match="emulator_path"):
         compressed_client_model(cfg, msg)
+
+
+def test_a_prepared_emulator_path_replaces_the_one_time_download(tmp_path, flower_identity):
+    folder = tmp_path / "emulator"
+    cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}",
+                          f"strategy.fedbiot.emulator_path={folder}"])
+    strategy, server = build_fedbiot(cfg)
+    arrays = server.initial_arrays()  # the server writes its emulator to the empty path
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(cfg, 3)))
+    assert all(set(m.content.array_records) == {"arrays"} for m in messages)
+    assert emulator_folder(str(folder), messages[0].content) == folder
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    (folder / "fedbiot_fingerprint.txt").write_text("another-emulator")
+    with pytest.raises(FileNotFoundError, match="holds emulator another-emulator"):
+        emulator_folder(str(folder), messages[0].content)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from fedinstruct.deploy.process import DeploymentError
+from fedinstruct.deploy.process import DeploymentError, flower_executable
+from fedinstruct.deploy.run import ANSI, parse_json
 
 log = logging.getLogger("fedinstruct.deploy")
 
@@ -55,3 +57,26 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | N
     path.write_text(tomli_w.dumps({"superlink": {"default": name, name: connection}}))
     log.info("flwr connection %r -> %s in %s", name, address, path)
     return path
+
+
+def register_nodes(public_keys: Sequence[Path], connection: str, *, prefix: Sequence[str] = (),
+                   env: Mapping[str, str] | None = None, timeout: float = 120.0
+                   ) -> dict[str, int]:
+    """`flwr supernode register KEY.pub CONNECTION` for every key, concurrently.
+
+    Returns the node id per key name (file name without .pub); prefix wraps each command (e.g.
+    `ip netns exec NS`), env is the operator's environment (its FLWR_HOME holds the connection).
+    """
+    calls = {key.stem: subprocess.Popen(
+        [*prefix, flower_executable("flwr"), "supernode", "register", str(key), connection,
+         "--format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(env) if env is not None else None) for key in public_keys}
+    node_ids = {}
+    for name, call in calls.items():
+        out, _ = call.communicate(timeout=timeout)
+        if call.returncode != 0:
+            raise DeploymentError(f"registering {name} failed:\n{ANSI.sub('', out)}")
+        node_ids[name] = int(parse_json(out, "flwr supernode register")["node-id"])
+        log.info("registered %s as node %d", name, node_ids[name])
+    return node_ids

@@ -14,11 +14,9 @@ Each component runs as its own Flower process, by default in its own network nam
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -28,9 +26,13 @@ from typing import Any
 
 import psutil
 import tomli_w
-from flwr.common.config import get_project_config
 
-from fedinstruct.deploy.credentials import make_certs, make_node_keys, write_connection
+from fedinstruct.deploy.credentials import (
+    make_certs,
+    make_node_keys,
+    register_nodes,
+    write_connection,
+)
 from fedinstruct.deploy.network import Network, ensure_port_free, free_port, open_network
 from fedinstruct.deploy.process import (
     DeploymentError,
@@ -59,7 +61,6 @@ from fedinstruct.deploy.topology import (
     ConfigValue,
     Topology,
 )
-from fedinstruct.deploy.warm import READY, SOCKET_ENV
 
 log = logging.getLogger("fedinstruct.deploy")
 
@@ -171,17 +172,19 @@ class LocalDeployment:
             self.wait_node(handle.name)
         for warm in [self.superlink_warm, *(h.warm for h in self.nodes.values())]:
             if warm is not None:
-                wait_for_log(warm, READY, self.start_timeout)
+                self._wait_warm(warm)
         log.info("deployment ready: SuperLink %s (%s network), nodes %s", self.superlink_address,
                  self.network.kind, {n: h.node_id for n, h in self.nodes.items()})
 
     def stop(self, check: bool = True) -> None:
-        """Stop runs' log streams, nodes, SuperLink; remove namespaces; verify nothing is left."""
+        """Stop runs' log streams, nodes, SuperLink; remove namespaces; verify nothing is left.
+
+        Stopping twice is harmless (the second call finds nothing to stop).
+        """
         errors = []
         # Nodes first (they deactivate themselves at the SuperLink), then the SuperLink.
-        phases = [[*self._streams, *(p for h in self.nodes.values() for p in (h.process, h.warm)
-                                     if p is not None)],
-                  [p for p in (self.superlink, self.superlink_warm) if p is not None]]
+        link = [p for p in (self.superlink, self.superlink_warm) if p is not None]
+        phases = [[p for p in self._processes() if p not in link], link]
         for phase in phases:
             try:
                 stop_managed(*phase)
@@ -209,14 +212,18 @@ class LocalDeployment:
     def leftover_processes(self) -> list[psutil.Process]:
         """Processes of this deployment still running (should be empty after stop())."""
         tracked: dict[int, psutil.Process] = {}
-        for proc in [*self._streams, self.superlink, self.superlink_warm,
-                     *(p for h in self.nodes.values() for p in (h.process, h.warm))]:
-            if proc is not None:
-                tracked.update(proc.tracked)
+        for proc in self._processes():
+            tracked.update(proc.tracked)
         if self.network is not None:
             for proc in processes_of(self.network.pids()):
                 tracked.setdefault(proc.pid, proc)
         return living(tracked.values())
+
+    def _processes(self) -> list[ManagedProcess]:
+        """Every component started: run streams, nodes, SuperLink, warm servers."""
+        found = [*self._streams, self.superlink, self.superlink_warm,
+                 *(p for h in self.nodes.values() for p in (h.process, h.warm))]
+        return [p for p in found if p is not None]
 
     # ----------------------------------------------------------------- components
     def _start_warm(self, owner: str, member: str, command: str,
@@ -224,22 +231,23 @@ class LocalDeployment:
         """Start owner's warm app server (not waited for) and route `command` in env to it."""
         if not self.warm:
             return None
+        # imported here: `python -m fedinstruct.deploy.warm` imports this package first
+        from fedinstruct.deploy.warm import route_to_server, server_command
+
         assert self.network is not None
-        component = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}[command]
-        app_ref = get_project_config(self.app_dir)["tool"]["flwr"]["app"]["components"]
-        if self._sockets is None:
-            self._sockets = tempfile.mkdtemp(prefix="fiw-")
-        socket_path = Path(self._sockets) / f"{owner}.sock"
-        shims = self.workdir / owner / "warm-bin"
-        argv = [*self.network.exec_prefix(member), sys.executable, "-m",
-                "fedinstruct.deploy.warm", command, "--socket", str(socket_path),
-                "--shims", str(shims), "--forget-under", str(self.app_dir),
-                "--preload", app_ref[component].split(":")[0]]
+        self._sockets = self._sockets or tempfile.mkdtemp(prefix="fiw-")  # short paths
+        socket_path, shims = Path(self._sockets) / f"{owner}.sock", self.workdir / owner / "bin"
+        argv = [*self.network.exec_prefix(member),
+                *server_command(command, socket_path, shims, self.app_dir)]
         process = self._harvester.watch(start_process(
             f"{owner}-warm", argv, self.workdir / f"{owner}-warm.log", env))
-        env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
-        env[SOCKET_ENV] = str(socket_path)
+        route_to_server(env, socket_path, shims)
         return process
+
+    def _wait_warm(self, process: ManagedProcess, offset: int = 0) -> None:
+        from fedinstruct.deploy.warm import READY
+
+        wait_for_log(process, READY, self.start_timeout, offset=offset)
 
     def _member_env(self, member: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return flower_env(self.workdir / member / "flwr-home", {**self.env, **(extra or {})})
@@ -296,7 +304,7 @@ class LocalDeployment:
         if wait:
             self.wait_node(name)
             if warm is not None:
-                wait_for_log(warm, READY, self.start_timeout)
+                self._wait_warm(warm)
         return handle
 
     def wait_node(self, name: str, offset: int = 0) -> int:
@@ -309,21 +317,10 @@ class LocalDeployment:
         return handle.node_id
 
     def _register(self, *names: str) -> dict[str, int]:
-        """Register the nodes' public keys with `flwr supernode register`, concurrently."""
         assert self.keys_dir is not None and self.network is not None
-        calls = {name: subprocess.Popen(
-            [*self.network.exec_prefix("ctl"), flower_executable("flwr"), "supernode",
-             "register", str(self.keys_dir / f"{name}.pub"), CONNECTION, "--format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=flower_env(self.ctl_home, self.env)) for name in names}
-        node_ids = {}
-        for name, call in calls.items():
-            out, _ = call.communicate(timeout=self.start_timeout)
-            if call.returncode != 0:
-                raise DeploymentError(f"registering {name} failed:\n{ANSI.sub('', out)}")
-            node_ids[name] = int(parse_json(out, "flwr supernode register")["node-id"])
-            log.info("registered %s as node %d", name, node_ids[name])
-        return node_ids
+        return register_nodes([self.keys_dir / f"{name}.pub" for name in names], CONNECTION,
+                              prefix=self.network.exec_prefix("ctl"),
+                              env=flower_env(self.ctl_home, self.env), timeout=self.start_timeout)
 
     def kill_node(self, name_or_index: str | int, sig: int = signal.SIGKILL) -> None:
         """Stop a node and everything it spawned (SIGKILL by default: like a crash)."""
@@ -345,13 +342,13 @@ class LocalDeployment:
         warm_offset = 0
         if handle.warm is not None:
             old_warm = handle.warm
-            warm_offset = old_warm.log_path.stat().st_size
+            warm_offset = old_warm.log_size()
             handle.warm = self._harvester.watch(start_process(
                 old_warm.name, old_warm.argv, old_warm.log_path, handle.env))
             handle.warm.tracked.update(old_warm.tracked)
         deadline = time.monotonic() + self.start_timeout
         while True:
-            offset = handle.process.log_path.stat().st_size
+            offset = handle.process.log_size()
             old = handle.process
             handle.process = self._harvester.watch(
                 start_process(handle.name, handle.argv, old.log_path, handle.env))
@@ -361,10 +358,10 @@ class LocalDeployment:
             try:
                 self.wait_node(handle.name, offset=offset)
                 if handle.warm is not None:
-                    wait_for_log(handle.warm, READY, self.start_timeout, offset=warm_offset)
+                    self._wait_warm(handle.warm, offset=warm_offset)
                 return handle
             except DeploymentError:
-                refused = "Failed to activate SuperNode" in handle.process.log_text()[offset:]
+                refused = "Failed to activate SuperNode" in handle.process.log_text(offset)
                 if not refused or handle.node_id is None or time.monotonic() > deadline:
                     raise
             stop_managed(handle.process)

@@ -54,11 +54,19 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def log_text(self) -> str:
+    def log_text(self, offset: int = 0) -> str:
+        """The log from byte `offset` on (offsets are bytes: logs hold multi-byte text)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return self.log_path.read_bytes()[offset:].decode(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def log_size(self) -> int:
+        """Bytes written to the log so far (an offset for log_text / wait_for_log)."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def harvest(self) -> None:
         """Remember the current descendants, so that they can be stopped after the parent."""
@@ -114,7 +122,7 @@ def wait_for_log(
     deadline = time.monotonic() + timeout
     while True:
         proc.harvest()
-        text = proc.log_text()[offset:]
+        text = proc.log_text(offset)
         if match := regex.search(text):
             return match
         for failure in failures:
@@ -252,6 +260,8 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
             "FLWR_TELEMETRY_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
             "NO_COLOR": "1",
+            # a SuperExec checks for new app tasks every second by default
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         }
     )
     env.update(extra or {})

@@ -12,8 +12,8 @@ which forks a child that runs Flower's real entry point and reports its exit cod
   FAB that Flower installed for the run (the submitted code, not the code pre-imported here).
 - Without a server (not started, crashed) the launcher runs the real command instead.
 
-    python -m fedinstruct.deploy.warm --socket /run/fi/node.sock --preload fedinstruct.client_app \\
-        --forget-under /src/app --shims /run/fi/bin flwr-clientapp
+    python -m fedinstruct.deploy.warm flwr-clientapp --app fedinstruct.client_app \\
+        --socket /run/fi/node.sock --shims /run/fi/bin
     PATH=/run/fi/bin:$PATH FEDINSTRUCT_WARM_SOCKET=/run/fi/node.sock flower-supernode ...
 """
 
@@ -112,6 +112,22 @@ def write_launchers(folder: Path, commands: Iterable[str], python: str = sys.exe
     return folder
 
 
+def server_command(command: str, socket_path: Path, shims: Path, app_dir: Path) -> list[str]:
+    """argv of a warm server for a Flower command, pre-importing the app module it runs."""
+    from flwr.common.config import get_project_config
+
+    component = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}[command]
+    app_ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"][component]
+    return [sys.executable, "-m", "fedinstruct.deploy.warm", command, "--socket",
+            str(socket_path), "--shims", str(shims), "--app", app_ref.split(":")[0]]
+
+
+def route_to_server(env: dict[str, str], socket_path: Path, shims: Path) -> None:
+    """Make the processes started with env launch their app processes from the server."""
+    env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
+    env[SOCKET_ENV] = str(socket_path)
+
+
 def entry_point(command: str):
     """The function a console script runs (e.g. flwr-clientapp -> flwr_clientapp)."""
     found = entry_points(group="console_scripts", name=command)
@@ -120,28 +136,28 @@ def entry_point(command: str):
     return next(iter(found)).load()
 
 
-def warm_up(modules: Sequence[str], forget_under: Path | None) -> list[str]:
-    """Import modules (a failure is logged, not fatal); then drop those under forget_under."""
-    loaded = []
-    for module in modules:
+def warm_up(app_modules: Sequence[str], preload: Sequence[str] = ()) -> None:
+    """Import the app modules and `preload`; then drop the app's own packages again.
+
+    What the app modules import (torch, transformers, ...) stays loaded; the app's top-level
+    packages are dropped, so that each child imports them from the run's FAB. A failed import
+    is logged, not fatal: the children then import it themselves and report the error.
+    """
+    for module in [*preload, *app_modules]:
         start = time.perf_counter()
         try:
             importlib.import_module(module)
-            loaded.append(module)
             log.info("pre-imported %s in %.1f s", module, time.perf_counter() - start)
-        except Exception:  # the child imports it again and reports the error properly
+        except Exception:
             log.exception("could not pre-import %s; children will import it themselves", module)
-    if forget_under is not None:
-        root = str(forget_under.resolve()) + os.sep
-        own = [name for name, mod in sys.modules.items()
-               if (getattr(mod, "__file__", None) or "").startswith(root)]
+    for package in {module.split(".")[0] for module in app_modules}:
+        own = [name for name in sys.modules if name == package or name.startswith(package + ".")]
         for name in own:
             del sys.modules[name]
-        log.info("dropped %d modules under %s (children import them from the FAB)", len(own),
-                 forget_under)
+        log.info("dropped the %d modules of %s (children import it from the run's FAB)",
+                 len(own), package)
     gc.collect()
     gc.freeze()  # keep the garbage collector from touching (and copying) the shared pages
-    return loaded
 
 
 def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -321,9 +337,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("commands", nargs="+", help="Flower commands to serve, e.g. flwr-clientapp")
     parser.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
-    parser.add_argument("--preload", action="append", default=[], help="module to pre-import")
-    parser.add_argument("--forget-under", type=Path,
-                        help="drop pre-imported modules from this folder (the app's source)")
+    parser.add_argument("--app", action="append", default=[],
+                        help="app module (e.g. fedinstruct.client_app): its dependencies are "
+                             "pre-imported, the app itself is imported by each child")
+    parser.add_argument("--preload", action="append", default=[],
+                        help="further module to pre-import and keep")
     parser.add_argument("--shims", type=Path, help="also write the launchers into this folder")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)
@@ -335,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         entry_point(command)  # fail now, not in every child
     if args.shims:
         write_launchers(args.shims, args.commands)
-    warm_up(args.preload, args.forget_under)
+    warm_up(args.app, args.preload)
     WarmServer(args.socket, args.commands).serve()
 
 

@@ -129,7 +129,8 @@ class FedBiOTServer(AdapterServer):
             "FedBiOT: full model %d layers; emulator keeps %s, adapter %s; emulator package "
             "%.1f MB (%s), ready in %.1f s",
             plan.num_layers, list(plan.emulator_layers), list(plan.adapter_layers),
-            package.num_bytes() / 1e6, package.fingerprint, time.perf_counter() - start,
+            modeling.adapter_bytes(package.state) / 1e6, package.fingerprint,
+            time.perf_counter() - start,
         )
         if s.emulator_path:
             self._prepare_emulator_path(package, s.emulator_path)

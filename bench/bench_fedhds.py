@@ -1,0 +1,346 @@
+"""FedHDS against FedIT on all data and a random coreset: held-out Rouge-L and loss, samples
+trained, and the wall time of selection and of training.
+
+    python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10           # SmolLM2-135M
+    python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10 --model tiny --quick
+
+Four federations on the same clients, rounds and seed, one after the other:
+
+1. FedIT-all: every client trains one epoch over all of its local rows each round;
+2. FedHDS: features from the current global model (last-token hidden state of every layer),
+   t-SNE to 2-D, HDBSCAN (min_cluster_size 2, as the paper sets for Dolly) on each client and
+   over all clients' centroids on the server; clients train one epoch over their coreset;
+3. FedHDS-Turbo: the same with features from a small fixed sentence embedder (all-MiniLM-L6-v2);
+4. Random: a uniform sample per client of FedHDS's mean coreset size (read from FedHDS's run).
+
+Scale: the clients' data are scaled down to fit two CPU cores. The benchmark writes a copy of
+the split with, per client, a seeded sample of the rows whose Alpaca prompt + response fit in
+``--max-length`` tokens (so no variant trains on a truncated or dropped row), and a held-out set
+drawn the same way from ``global_test.json``, stratified by category. The base model is not
+quantized (on CPU, bitsandbytes' NF4 path is several times slower than fp32). Feature caches
+start empty, so FedHDS-Turbo pays for its embeddings in the first round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FEDIT, FEDHDS, TURBO, RANDOM = "FedIT-all", "FedHDS", "FedHDS-Turbo", "Random"
+VARIANTS = (FEDIT, FEDHDS, TURBO, RANDOM)
+RESULTS = Path(__file__).resolve().parent / "results"
+TEMPLATE = "alpaca"
+DEFAULTS = {  # full run, then --quick
+    "rounds": (2, 2),
+    "clients": (10, 3),
+    "samples_per_client": (50, 60),
+    "eval_samples": (24, 8),
+    "max_new_tokens": (32, 8),
+}
+
+
+# -- data -----------------------------------------------------------------------------------
+def fitting_rows(dataset, tokenizer, max_length: int) -> list[int]:
+    """Rows whose prompt + response fit in max_length tokens, untruncated."""
+    from fedinstruct.data import tokenize_dataset
+
+    examples, _ = tokenize_dataset(dataset, tokenizer, template=TEMPLATE, max_length=max_length)
+    return [example.source_row for example in examples if not example.truncated]
+
+
+def stratified(categories: list[str], count: int, seed: int) -> list[int]:
+    """`count` positions, round-robin over categories, seeded order within each category."""
+    rng = np.random.default_rng(seed)
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for position, category in enumerate(categories):
+        by_category[category].append(position)
+    queues = [list(rng.permutation(by_category[c])) for c in sorted(by_category)]
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(int(queue.pop()))
+    return sorted(chosen)
+
+
+def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]:
+    """A copy of the first `clients` partitions and the test file, scaled down (see module doc)."""
+    from fedinstruct import modeling
+    from fedinstruct.config import compose_config
+    from fedinstruct.data import load_prepartitioned, load_prepartitioned_test
+
+    cfg = compose_config([f"model={args.model}"])
+    tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(cfg.model))
+    target.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {"clients": [], "short_clients": []}
+    for client in range(args.clients):
+        data = load_prepartitioned(args.data, client)
+        fits = fitting_rows(data, tokenizer, args.max_length)
+        if len(fits) < args.samples_per_client:
+            info["short_clients"].append((client, len(fits)))
+        rng = np.random.default_rng(args.seed * 1_000 + client)
+        keep = sorted(rng.choice(fits, size=min(len(fits), args.samples_per_client), replace=False))
+        rows = data.select([int(i) for i in keep]).to_list()
+        (target / f"local_training_{client}.json").write_text(json.dumps(rows))
+        info["clients"].append((len(data), len(fits), len(rows)))
+    test = load_prepartitioned_test(args.data)
+    fits = fitting_rows(test, tokenizer, args.max_length)
+    categories = [test[i]["category"] or "" for i in fits]
+    chosen = [fits[i] for i in stratified(categories, args.eval_samples, args.seed)]
+    (target / "global_test.json").write_text(json.dumps(test.select(chosen).to_list()))
+    info["test"] = (len(test), len(fits), len(chosen))
+    return info
+
+
+def isolated_feature_cache(root: Path) -> None:
+    """A fresh cache root that shares converted models but starts with no cached features."""
+    from fedinstruct import modeling
+
+    real = modeling.cache_root().expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "quantized"):
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(real / name, target_is_directory=True)
+    os.environ["FEDINSTRUCT_CACHE"] = str(root)  # Ray's workers inherit it
+
+
+# -- runs -----------------------------------------------------------------------------------
+def overrides(args: argparse.Namespace, variant: str, data: Path, folder: Path,
+              random_count: int | None = None) -> list[str]:
+    """Hydra overrides of one variant; everything but selection and local epochs is shared."""
+    common = [
+        f"seed={args.seed}",
+        f"num_rounds={args.rounds}",
+        f"output_dir={folder}",
+        f"model={args.model}",
+        f"model.quantization={args.quantization}",
+        "dataset=dolly",
+        "dataset.partitioner=prepartitioned",
+        f"dataset.source={data}",
+        f"federation.num_clients={args.clients}",
+        f"federation.min_train_nodes={args.clients}",
+        f"federation.min_available_nodes={args.clients}",
+        "federation.client_cpus=1",  # two single-threaded clients at a time on two cores
+        "train.local_steps=0",
+        f"train.batch_size={args.batch_size}",
+        f"train.max_length={args.max_length}",
+        f"train.template={TEMPLATE}",
+        "eval.every=1",
+        "eval.max_samples=0",  # the scaled test file holds exactly --eval-samples rows
+        f"eval.max_new_tokens={args.max_new_tokens}",
+    ]
+    if variant == FEDIT:
+        return [*common, "selection=all", "train.local_epochs=1"]
+    coreset = [*common, f"train.local_epochs={args.coreset_epochs}"]
+    if variant == RANDOM:
+        return [*coreset, "selection=random", f"selection.random.count={random_count}"]
+    fedhds = [
+        "selection.fedhds.reducer=tsne",
+        "selection.fedhds.min_cluster_size=2",
+        "selection.fedhds.server_min_cluster_size=2",
+        f"selection.fedhds.pca_dims={args.pca_dims or 'null'}",
+    ]
+    if variant == FEDHDS:
+        return [*coreset, "selection=fedhds", "selection.fedhds.feature_model=global", *fedhds]
+    return [*coreset, "selection=fedhds_turbo", *fedhds]
+
+
+def federate(run_overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """Run one federation in this process; its metrics rows and its wall time."""
+    from fedinstruct.config import compose_config
+    from fedinstruct.run_output import RunOutput
+    from fedinstruct.simulation import simulate
+
+    cfg = compose_config(run_overrides)
+    start = time.perf_counter()
+    folder = simulate(cfg)
+    wall = time.perf_counter() - start
+    return RunOutput(folder).read_metrics(), wall
+
+
+def summarize(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    evaluated = [r for r in rows if "eval_rougeL" in r]
+    trained = [r for r in rows if r["round"] > 0]
+    selection = sum(r.get("time_selection", 0.0) for r in trained)
+    training = sum(r.get("time_train_phase", 0.0) for r in trained)
+    return {
+        "rouge": [(r["round"], r["eval_rougeL"]) for r in evaluated],
+        "loss": [(r["round"], r["eval_loss"]) for r in evaluated],
+        "samples": sum(int(r.get("train_samples", 0)) for r in trained),
+        "per_round": [r.get("train_samples_per_client", {}) for r in trained],
+        "clusters": [(r.get("local_clusters"), r.get("selected_clusters")) for r in trained],
+        "selection_s": selection,
+        "training_s": training,
+        "method_s": selection + training,
+        "eval_s": sum(r.get("time_eval", 0.0) for r in rows),
+        "wall_s": wall,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+def _ratio(part: float, whole: float) -> str:
+    return f"{part / whole:.3f}x" if whole else "n/a"
+
+
+def target_lines(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
+    method, full, rand = results[name], results[FEDIT], results[RANDOM]
+    rouge, full_rouge, rand_rouge = (r["rouge"][-1][1] for r in (method, full, rand))
+    share = method["samples"] / full["samples"] if full["samples"] else float("inf")
+    time_ratio = method["method_s"] / full["method_s"] if full["method_s"] else float("inf")
+    wall_ratio = method["wall_s"] / full["wall_s"]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    return [
+        f"- {name} Rouge-L >= FedIT-all's: {verdict(rouge >= full_rouge)} "
+        f"({rouge:.4f} vs {full_rouge:.4f})",
+        f"- {name} distinct samples <= 5% of FedIT-all's: {verdict(share <= 0.05)} "
+        f"({method['samples']} vs {full['samples']}, {100 * share:.2f}%)",
+        f"- {name} Rouge-L >= Random's at equal count: {verdict(rouge >= rand_rouge)} "
+        f"({rouge:.4f} vs {rand_rouge:.4f}; samples {method['samples']} vs {rand['samples']})",
+        f"- {name} wall time <= 0.25x FedIT-all's: {verdict(time_ratio <= 0.25)} "
+        f"(selection + training {method['method_s']:.1f} s vs {full['method_s']:.1f} s = "
+        f"{time_ratio:.3f}x; whole run incl. the same evaluation and start-up: "
+        f"{method['wall_s']:.0f} s vs {full['wall_s']:.0f} s = {wall_ratio:.3f}x)",
+    ]
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, dict[str, Any]],
+           random_count: int, loads: tuple[float, float], total_s: float) -> str:
+    full = results[FEDIT]
+    local = ", ".join(f"{n}/{fit}/{total}" for total, fit, n in info["clients"])
+    lines = [
+        f"## FedHDS benchmark: Dolly-15k FedIT split, {args.model}, CPU",
+        "",
+        f"- model: {args.model} (quantization={args.quantization}); {args.rounds} rounds, seed "
+        f"{args.seed}; {args.clients} clients (partitions 0..{args.clients - 1} of the split)",
+        f"- clients' data scaled down: per client a seeded sample of {args.samples_per_client} "
+        f"rows among those whose prompt + response fit in {args.max_length} tokens "
+        f"(used/fitting/all per client: {local})",
+        f"- held-out: {info['test'][2]} rows of global_test.json ({info['test'][1]} of "
+        f"{info['test'][0]} fit), stratified by category; Rouge-L F of greedy generations "
+        f"({args.max_new_tokens} new tokens) and response-token loss, after every round",
+        f"- training: batch {args.batch_size}; FedIT-all 1 epoch over all local rows per round; "
+        f"coreset variants {args.coreset_epochs} epoch(s) over the coreset; Random draws "
+        f"{random_count} rows per client per round (FedHDS's mean coreset size per client)",
+        f"- FedHDS: t-SNE 2-D{f' after PCA-{args.pca_dims}' if args.pca_dims else ''}, HDBSCAN "
+        "min_cluster_size 2 on clients and server, re-selection every round; Turbo: "
+        "all-MiniLM-L6-v2 features, computed in round 1 and cached",
+        f"- selection s = sum over rounds of time_selection; training s = sum of time_train_phase "
+        f"(incl. each client's first model load); whole run = simulate() wall time; "
+        f"load average {loads[0]:.1f} at start, {loads[1]:.1f} at end; benchmark took "
+        f"{total_s / 60:.1f} min",
+    ]
+    if info["short_clients"]:
+        lines.append(f"- clients with fewer fitting rows than asked: {info['short_clients']}")
+    lines += [
+        "",
+        "| variant | Rouge-L | loss | distinct samples | % of FedIT-all | selection s | "
+        "training s | sel.+train s | x FedIT-all | whole run s | x FedIT-all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        r = results[name]
+        lines.append(
+            f"| {name} | {r['rouge'][-1][1]:.4f} | {r['loss'][-1][1]:.4f} | {r['samples']} "
+            f"| {_pct(r['samples'], full['samples'])} | {r['selection_s']:.1f} "
+            f"| {r['training_s']:.1f} | {r['method_s']:.1f} "
+            f"| {_ratio(r['method_s'], full['method_s'])} | {r['wall_s']:.0f} "
+            f"| {_ratio(r['wall_s'], full['wall_s'])} |"
+        )
+    lines += ["", "Round by round (Rouge-L / loss):", "",
+              "| round | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    for i, (round_no, _) in enumerate(full["rouge"]):
+        cells = [f"{results[v]['rouge'][i][1]:.4f} / {results[v]['loss'][i][1]:.4f}"
+                 for v in VARIANTS]
+        lines.append(f"| {round_no} | " + " | ".join(cells) + " |")
+    lines += ["", "Coreset per round (local clusters -> selected; rows per client):", ""]
+    for name in (FEDHDS, TURBO, RANDOM):
+        r = results[name]
+        parts = []
+        for (local_k, chosen), per_client in zip(r["clusters"], r["per_round"], strict=True):
+            head = f"{local_k} -> {chosen}; " if local_k is not None else ""
+            parts.append(head + "[" + ", ".join(str(v) for v in per_client.values()) + "]")
+        lines.append(f"- {name}: " + " | ".join(parts))
+    lines += ["", "Targets (the paper's direction, at this scale):", ""]
+    lines += target_lines(FEDHDS, results) + target_lines(TURBO, results)
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="the Dolly 10-client split folder")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--samples-per-client", type=int)
+    parser.add_argument("--eval-samples", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--coreset-epochs", type=float, default=1.0)
+    parser.add_argument("--pca-dims", type=int, default=None, help="PCA before t-SNE (FedHDS)")
+    parser.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs-dir", help="keep the run folders here (default: a temp folder)")
+    parser.add_argument("--out", default=str(RESULTS / "fedhds.md"))
+    args = parser.parse_args()
+    for key, (full, quick) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    if not (Path(args.data) / "global_test.json").is_file():
+        parser.error(f"--data {args.data}: no global_test.json there (the Dolly split folder)")
+    if not 1 <= args.clients <= 10 or args.rounds < 1 or args.samples_per_client < 2:
+        parser.error("need 1 <= --clients <= 10, --rounds >= 1, --samples-per-client >= 2")
+    args.data = str(Path(args.data).resolve())
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-fedhds-") as tmp:
+        runs = Path(args.runs_dir).resolve() if args.runs_dir else Path(tmp) / "runs"
+        data = Path(tmp) / "data"
+        info = write_scaled_split(args, data)
+        isolated_feature_cache(Path(tmp) / "cache")
+        results: dict[str, dict[str, Any]] = {}
+        random_count = 0
+        for i, variant in enumerate(VARIANTS):
+            if variant == RANDOM:
+                fedhds = results[FEDHDS]
+                random_count = max(1, round(fedhds["samples"] / (args.rounds * args.clients)))
+            print(f"\n### {variant}", flush=True)
+            folder = runs / f"{i}-{variant}"
+            rows, wall = federate(overrides(args, variant, data, folder, random_count))
+            results[variant] = summarize(rows, wall)
+            print(f"### {variant} done in {wall:.0f} s", flush=True)
+    text = report(args, info, results, random_count, (load_start, os.getloadavg()[0]),
+                  time.perf_counter() - start)
+    print("\n" + text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
