@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TEMPLATE = "alpaca"
 DEFAULTS = {  # full run, then --quick
     "rounds": (2, 2),
-    "clients": (10, 3),
-    "samples_per_client": (50, 60),
-    "eval_samples": (24, 8),
+    "clients": (10, 2),
+    "samples_per_client": (50, 48),
+    "eval_samples": (24, 6),
     "max_new_tokens": (32, 8),
 }
 
@@ -75,6 +75,18 @@ def stratified(categories: list[str], count: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
+def sample_fitting(dataset, tokenizer, max_length: int, count: int, seed: int) -> list[int]:
+    """`count` rows in a seeded order among those that fit (tokenizing only as many as needed)."""
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(dataset))]
+    chosen: list[int] = []
+    for start in range(0, len(order), 4 * count):
+        block = order[start : start + 4 * count]
+        chosen += [block[j] for j in fitting_rows(dataset.select(block), tokenizer, max_length)]
+        if len(chosen) >= count:
+            break
+    return sorted(chosen[:count])
+
+
 def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]:
     """A copy of the first `clients` partitions and the test file, scaled down (see module doc)."""
     from fedinstruct import modeling
@@ -87,20 +99,20 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
     info: dict[str, Any] = {"clients": [], "short_clients": []}
     for client in range(args.clients):
         data = load_prepartitioned(args.data, client)
-        fits = fitting_rows(data, tokenizer, args.max_length)
-        if len(fits) < args.samples_per_client:
-            info["short_clients"].append((client, len(fits)))
-        rng = np.random.default_rng(args.seed * 1_000 + client)
-        keep = sorted(rng.choice(fits, size=min(len(fits), args.samples_per_client), replace=False))
-        rows = data.select([int(i) for i in keep]).to_list()
+        keep = sample_fitting(data, tokenizer, args.max_length, args.samples_per_client,
+                              seed=args.seed * 1_000 + client)
+        if len(keep) < args.samples_per_client:
+            info["short_clients"].append((client, len(keep)))
+        rows = data.select(keep).to_list()
         (target / f"local_training_{client}.json").write_text(json.dumps(rows))
-        info["clients"].append((len(data), len(fits), len(rows)))
+        info["clients"].append((len(keep), len(data)))
     test = load_prepartitioned_test(args.data)
     fits = fitting_rows(test, tokenizer, args.max_length)
     categories = [test[i]["category"] or "" for i in fits]
     chosen = [fits[i] for i in stratified(categories, args.eval_samples, args.seed)]
     (target / "global_test.json").write_text(json.dumps(test.select(chosen).to_list()))
     info["test"] = (len(test), len(fits), len(chosen))
+    info["test_categories"] = dict(Counter(test[i]["category"] for i in chosen))
     return info
 
 
@@ -225,7 +237,7 @@ def target_lines(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
 def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, dict[str, Any]],
            random_count: int, loads: tuple[float, float], total_s: float) -> str:
     full = results[FEDIT]
-    local = ", ".join(f"{n}/{fit}/{total}" for total, fit, n in info["clients"])
+    local = ", ".join(f"{used}/{total}" for used, total in info["clients"])
     lines = [
         f"## FedHDS benchmark: Dolly-15k FedIT split, {args.model}, CPU",
         "",
@@ -233,9 +245,10 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, di
         f"{args.seed}; {args.clients} clients (partitions 0..{args.clients - 1} of the split)",
         f"- clients' data scaled down: per client a seeded sample of {args.samples_per_client} "
         f"rows among those whose prompt + response fit in {args.max_length} tokens "
-        f"(used/fitting/all per client: {local})",
+        f"(rows used/held per client: {local})",
         f"- held-out: {info['test'][2]} rows of global_test.json ({info['test'][1]} of "
-        f"{info['test'][0]} fit), stratified by category; Rouge-L F of greedy generations "
+        f"{info['test'][0]} fit), stratified by category {info['test_categories']}; "
+        "Rouge-L F of greedy generations "
         f"({args.max_new_tokens} new tokens) and response-token loss, after every round",
         f"- training: batch {args.batch_size}; FedIT-all 1 epoch over all local rows per round; "
         f"coreset variants {args.coreset_epochs} epoch(s) over the coreset; Random draws "
@@ -243,8 +256,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, di
         f"- FedHDS: t-SNE 2-D{f' after PCA-{args.pca_dims}' if args.pca_dims else ''}, HDBSCAN "
         "min_cluster_size 2 on clients and server, re-selection every round; Turbo: "
         "all-MiniLM-L6-v2 features, computed in round 1 and cached",
-        f"- selection s = sum over rounds of time_selection; training s = sum of time_train_phase "
-        f"(incl. each client's first model load); whole run = simulate() wall time; "
+        "- selection s = sum over rounds of time_selection; training s = sum of time_train_phase; "
+        "round 1's first phase (selection for FedHDS, training otherwise) also holds the clients' "
+        "start-up (process, imports, model load, tokenizing); whole run = simulate() wall time; "
         f"load average {loads[0]:.1f} at start, {loads[1]:.1f} at end; benchmark took "
         f"{total_s / 60:.1f} min",
     ]

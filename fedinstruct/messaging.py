@@ -56,16 +56,12 @@ def exchange(
         )
     for msg in messages:
         msg.metadata.ttl = timeout
-    destinations = {
-        msg_id: msg.metadata.dst_node_id
-        for msg_id, msg in zip(grid.push_messages(messages), messages, strict=True)
-        if msg_id
-    }
-    failures = {
-        msg.metadata.dst_node_id: "the message could not be sent"
-        for msg in messages
-        if msg.metadata.dst_node_id not in destinations.values()
-    }
+    pushed = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
+    # pushing sets each message's id; a grid may leave out (or give None for) a refused one
+    destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                    if m.metadata.message_id in pushed}
+    failures = {m.metadata.dst_node_id: "the message could not be sent" for m in messages
+                if m.metadata.message_id not in pushed}
     pending = set(destinations)
     too_late = f"no reply within federation.round_timeout={timeout:g} s"
     replies: list[Message] = []

@@ -123,7 +123,8 @@ def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(tm
     work = tmp_path / "deploy"
     netns_expected = netns_unavailable_reason() is None
     dep = LocalDeployment(app, num_nodes=2, tls=True, auth=True, workdir=work,
-                          run_config={"num-nodes": 2, "wait-s": 30})
+                          run_config={"num-nodes": 2, "wait-s": 30},
+                          warm=False)  # Flower's own app processes (the e2e tests run warm ones)
     with dep:
         assert dep.network is not None
         assert dep.network.kind == ("netns" if netns_expected else "loopback")

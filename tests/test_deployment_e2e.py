@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 TINY = {
     "model": "tiny",
     "train.local_steps": 2,
+    "train.max_length": 96,
     "eval.max_samples": 4,
     "eval.max_new_tokens": 4,
     "federation.num_clients": 2,

@@ -1,5 +1,6 @@
 """resume=true: a run stopped after round 2 and resumed to round 4 ends with the same adapter as a
-run that was never stopped, server-optimizer moments included (real Flower simulations)."""
+run that was never stopped: server-optimizer moments, FedHDS selection (replayed when the run
+resumes between two selections) and client randomness included (real Flower simulations)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ SETTINGS = [
     "eval.every=0",
     "strategy.server_optimizer=fedadam",
     "strategy.server_lr=3e-3",
+    # selections at rounds 1 and 4: the resumed run starts at round 3, between the two
+    "selection=fedhds",
+    "selection.reselect_every=3",
+    "selection.fedhds.reducer=pca",
+    "selection.fedhds.keep_noise=true",
 ]
 
 
@@ -34,7 +40,11 @@ def final_adapter(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapters" / "final" / "adapter_model.safetensors"))
 
 
-def test_resumed_fedadam_run_matches_the_uninterrupted_run(tmp_path):
+def rows(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_fedadam_fedhds_run_matches_the_uninterrupted_run(tmp_path):
     straight = run(tmp_path / "straight", 4)
     stopped = run(tmp_path / "resumed", 2)
     after_two = final_adapter(stopped)
@@ -51,6 +61,11 @@ def test_resumed_fedadam_run_matches_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.equal(after_two[k], got[k]) for k in got), "rounds 3-4 changed nothing"
 
-    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows(resumed)] == [1, 2, 3, 4]
     assert json.loads((resumed / "checkpoint" / "state.json").read_text())["round"] == 4
+    straight_rows, resumed_rows = rows(straight), rows(resumed)
+    assert "time_selection" not in straight_rows[2], "round 3 is not a selection round"
+    assert "time_selection" in resumed_rows[2], "the resumed run did not replay the selection"
+    for a, b in zip(straight_rows, resumed_rows, strict=True):
+        assert a["train_samples_per_client"] == b["train_samples_per_client"]
+        assert 0 < a["train_samples"] < 2 * 16, "FedHDS trained on everything"

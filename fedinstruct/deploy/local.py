@@ -53,7 +53,6 @@ from fedinstruct.deploy.run import (
     CONNECTION,
     RunHandle,
     RunResult,
-    nest_config,
     parse_json,
 )
 from fedinstruct.deploy.topology import (
@@ -407,7 +406,9 @@ class LocalDeployment:
                 str(Path(app_dir).resolve() if app_dir else self.app_dir), CONNECTION, "--stream"]
         if config:
             path = self.workdir / "ctl" / f"run-config-{self._runs}.toml"
-            path.write_text(tomli_w.dumps(nest_config(config)))
+            # flat keys ("dataset.source" = ...): Flower's run config keys may contain dots,
+            # and a group choice (dataset = "dolly") can sit next to its sub-keys
+            path.write_text(tomli_w.dumps(config))
             argv += ["--run-config", str(path)]
         stream = self._harvester.watch(start_process(
             f"run-{self._runs}", argv, self.workdir / f"run-{self._runs}.log",

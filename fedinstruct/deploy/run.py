@@ -6,12 +6,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedinstruct.deploy.process import DeploymentError, ManagedProcess, stop_managed
-from fedinstruct.deploy.topology import ConfigValue
 
 if TYPE_CHECKING:
     from fedinstruct.deploy.local import LocalDeployment
@@ -82,16 +80,3 @@ def parse_json(out: str, what: str) -> dict[str, Any]:
     if start < 0:
         raise DeploymentError(f"`{what}` printed no JSON: {out!r}")
     return json.loads(out[start:end + 1])
-
-
-def nest_config(config: Mapping[str, ConfigValue]) -> dict[str, Any]:
-    """{"a.b": 1} -> {"a": {"b": 1}}: the TOML form Flower flattens back to "a.b"."""
-    nested: dict[str, Any] = {}
-    for key, value in config.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-

@@ -223,6 +223,7 @@ class WarmServer:
         if threading.active_count() > 1:
             log.warning("%d threads run before forking; children get only this one",
                         threading.active_count())
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.socket_path))
