@@ -6,9 +6,10 @@ quality, and the server's alignment cost.
 
 Three federations on the same clients, rounds and seed: FedIT, FedBiOT (K=2 adapter layers,
 drop ratio 0.5) and FedBiOT without alignment (offsite-tuning). The defaults are the paper's
-setting scaled down to fit two CPU cores: SmolLM2-135M-Instruct (30 layers), the first clients
-of the Dolly 10-client split, a few rounds of a few local steps, a slice of the held-out set.
-The server aligns on rows of a Dolly partition that no participating client holds.
+setting scaled down to fit two CPU cores: SmolLM2-135M-Instruct (30 layers), 3 of the 10 Dolly
+clients, 3 rounds of 5 local steps (batch 4, max length 128), 16 of the 80 held-out rows with
+32 new tokens, and 10 alignment steps before round 1 then 3 per round (lr 1e-3) on 64 rows of a
+Dolly partition that no participating client holds (the server's public data).
 Client memory and time per local step are measured in a fresh subprocess per variant that
 builds the client model the way a client does and trains on a client's data.
 """
@@ -62,6 +63,7 @@ def overrides(
         "strategy.fedbiot.adapter_layers=2",
         "strategy.fedbiot.drop_ratio=0.5",
         f"strategy.fedbiot.pre_align_steps={args.pre_align_steps}",
+        f"strategy.fedbiot.align_lr={args.align_lr}",
         f"strategy.fedbiot.align_steps={args.align_steps}",
         f"strategy.fedbiot.public_samples={args.public_samples}",
         f"strategy.fedbiot.public_dataset={public or 'synthetic'}",
@@ -197,7 +199,9 @@ def report(args, results: dict[str, dict], probes: dict[str, dict]) -> None:
     data = "synthetic" if args.quick else "Dolly-15k FedIT split"
     print(f"\n## FedBiOT vs FedIT: {model}, {data}, {args.clients} clients, {args.rounds} rounds x "
           f"{args.steps} steps x batch {args.batch_size}, seed {args.seed}, "
-          f"{args.eval_samples} held-out rows, CPU\n")
+          f"{args.eval_samples} held-out rows x {args.new_tokens} new tokens, max length "
+          f"{args.max_length}; alignment: {args.pre_align_steps} steps before round 1, "
+          f"{args.align_steps} per round, lr {args.align_lr:g}; CPU\n")
     print("| variant | client peak RSS MB | over baseline MB | model MB | trainable | s / step "
           "| down MB/client r1 | down MB/client later | up MB/client | AdapFu loss "
           "| AdapFu Rouge-L | AdapEmu loss | AdapEmu Rouge-L | align s r1 / later |")
@@ -246,11 +250,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--pre-align-steps", type=int, default=20)
-    parser.add_argument("--align-steps", type=int, default=5)
+    parser.add_argument("--pre-align-steps", type=int, default=10)
+    parser.add_argument("--align-steps", type=int, default=3)
+    parser.add_argument("--align-lr", type=float, default=1e-3)
     parser.add_argument("--public-samples", type=int, default=64)
     parser.add_argument("--public-partition", type=int, default=9)
     parser.add_argument("--probe-steps", type=int, default=5)

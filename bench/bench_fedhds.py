@@ -1,8 +1,10 @@
 """FedHDS against FedIT on all data and a random coreset: held-out Rouge-L and loss, samples
 trained, and the wall time of selection and of training.
 
-    python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10           # SmolLM2-135M
+    python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10   # ~25 min, 2 quiet cores
     python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10 --model tiny --quick
+
+Defaults: SmolLM2-135M-Instruct, 10 clients x 40 rows, 2 rounds, 24 held-out rows, 32 new tokens.
 
 Four federations on the same clients, rounds and seed, one after the other:
 
@@ -11,7 +13,8 @@ Four federations on the same clients, rounds and seed, one after the other:
    t-SNE to 2-D, HDBSCAN (min_cluster_size 2, as the paper sets for Dolly) on each client and
    over all clients' centroids on the server; clients train one epoch over their coreset;
 3. FedHDS-Turbo: the same with features from a small fixed sentence embedder (all-MiniLM-L6-v2);
-4. Random: a uniform sample per client of FedHDS's mean coreset size (read from FedHDS's run).
+4. Random: a uniform sample per client of FedHDS's mean coreset size per client, rounded, at
+   least 1 (read from FedHDS's run), re-drawn every round.
 
 Scale: the clients' data are scaled down to fit two CPU cores. The benchmark writes a copy of
 the split with, per client, a seeded sample of the rows whose Alpaca prompt + response fit in
@@ -45,7 +48,7 @@ TEMPLATE = "alpaca"
 DEFAULTS = {  # full run, then --quick
     "rounds": (2, 2),
     "clients": (10, 2),
-    "samples_per_client": (50, 48),
+    "samples_per_client": (40, 48),
     "eval_samples": (24, 6),
     "max_new_tokens": (32, 8),
 }

@@ -137,7 +137,7 @@ class FedBiOTSettings:
     align: bool = True
     pre_align_steps: int = 20
     align_steps: int = 5
-    align_lr: float = 1e-4
+    align_lr: float = 1e-3
     kl_weight: float = 1.0
     layerwise: bool = False
     proximal_eps: float = 0.01

@@ -2,7 +2,7 @@
 
 A SuperNode starts a fresh `flwr-clientapp` process for every message, and a SuperLink a fresh
 `flwr-serverapp` for every run. For an LLM app, importing torch, transformers and peft takes
-most of that start (15 s of CPU on a small machine, per message and per node). Here a
+most of that start (more than a short round's training on a small CPU host). Here a
 long-lived server imports those once; the `flwr-clientapp` that Flower launches (found first on
 the PATH) is a small launcher that hands its arguments, environment and stdio to the server,
 which forks a child that runs Flower's real entry point and reports its exit code back.
@@ -11,6 +11,9 @@ which forks a child that runs Flower's real entry point and reports its exit cod
 - The app's own modules are dropped after the warm-up, so each child imports the app from the
   FAB that Flower installed for the run (the submitted code, not the code pre-imported here).
 - Without a server (not started, crashed) the launcher runs the real command instead.
+- A child is not reused for the next message: Flower's `flwr-clientapp` ends through
+  `flwr_exit`, which runs process-wide exit handlers and arms a force-exit timer, so one
+  process per task is what its code path supports.
 
     python -m fedinstruct.deploy.warm flwr-clientapp --app fedinstruct.client_app \\
         --socket /run/fi/node.sock --shims /run/fi/bin
