@@ -255,7 +255,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, di
         f"({args.max_new_tokens} new tokens) and response-token loss, after every round",
         f"- training: batch {args.batch_size}; FedIT-all 1 epoch over all local rows per round; "
         f"coreset variants {args.coreset_epochs} epoch(s) over the coreset; Random draws "
-        f"{random_count} rows per client per round (FedHDS's mean coreset size per client)",
+        f"{random_count} row(s) per client per round (FedHDS's mean coreset size per client)",
         f"- FedHDS: t-SNE 2-D{f' after PCA-{args.pca_dims}' if args.pca_dims else ''}, HDBSCAN "
         "min_cluster_size 2 on clients and server, re-selection every round; Turbo: "
         "all-MiniLM-L6-v2 features, computed in round 1 and cached",
@@ -318,7 +318,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temp folder)")
-    parser.add_argument("--out", default=str(RESULTS / "fedhds.md"))
+    parser.add_argument("--out", help="markdown file for the table (default: bench/results/"
+                        "fedhds.md, or fedhds-quick.md with --quick)")
     args = parser.parse_args()
     for key, (full, quick) in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -328,6 +329,7 @@ def parse_args() -> argparse.Namespace:
     if not 1 <= args.clients <= 10 or args.rounds < 1 or args.samples_per_client < 2:
         parser.error("need 1 <= --clients <= 10, --rounds >= 1, --samples-per-client >= 2")
     args.data = str(Path(args.data).resolve())
+    args.out = args.out or str(RESULTS / ("fedhds-quick.md" if args.quick else "fedhds.md"))
     return args
 
 

@@ -75,9 +75,11 @@ def select_rows(
     return rows
 
 
-def _features(cfg: RunConfig, client, loaded, global_state: dict[str, torch.Tensor]) -> np.ndarray:
+def _features(
+    cfg: RunConfig, client, loaded, global_state: dict[str, torch.Tensor], rows: list[int]
+) -> np.ndarray:
     settings = cfg.selection.fedhds
-    texts = client.texts(loaded.tokenizer)
+    texts = client.texts(loaded.tokenizer, rows)
     if settings.feature_model == "global":
         from fedinstruct.selection import last_token_hidden_states
 
@@ -111,7 +113,8 @@ def summarize_local_data(
 ) -> ArrayRecord:
     """Cluster the local samples; keep the clustering here, return centroids and ids only."""
     settings = cfg.selection.fedhds
-    features = _features(cfg, client, loaded, global_state)
+    rows = client.trainable_rows()
+    features = _features(cfg, client, loaded, global_state, rows)
     clustering = cluster_client(
         features,
         reducer=settings.reducer,
@@ -120,6 +123,8 @@ def summarize_local_data(
         pca_dims=settings.pca_dims,
         threads=torch.get_num_threads(),
     )
+    # representatives index `rows`; map them back to dataset rows
+    clustering.representatives = np.asarray(rows, dtype=np.int64)[clustering.representatives]
     _save_clustering(context, clustering)
     centroids = clustering.centroids.astype(np.float32)
     if settings.noise_sigma > 0:

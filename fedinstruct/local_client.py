@@ -111,11 +111,16 @@ class LocalClient:
                 stats["dropped"],
             )
 
-    def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """Prompt + response of every local row, in dataset order (selection features)."""
+    def trainable_rows(self) -> list[int]:
+        """Dataset rows that survived tokenization (a dropped row can never be trained on)."""
+        return [row for row, example in enumerate(self.row_to_example) if example is not None]
+
+    def texts(self, tokenizer: PreTrainedTokenizerBase, rows: list[int]) -> list[str]:
+        """Prompt + response of the given rows, in that order (selection features)."""
+        template = self.cfg.train.template
         return [
-            build_prompt(row, self.cfg.train.template, tokenizer) + row["response"]
-            for row in self.dataset
+            build_prompt(self.dataset[row], template, tokenizer) + self.dataset[row]["response"]
+            for row in rows
         ]
 
     def examples_for_rows(self, rows: list[int]) -> list[TokenizedExample]:
