@@ -51,13 +51,15 @@ def select_rows(
     if selection.name == "all":
         return all_indices(n)
     reselect = (server_round - 1) % selection.reselect_every == 0
+    selection_round = server_round - (server_round - 1) % selection.reselect_every
     if selection.name == "random":
         if reselect or _stored_rows(context) is None:
             rows = random_indices(
                 n,
                 ratio=selection.random.ratio,
                 count=selection.random.count,
-                seed=cfg.seed * 7919 + server_round * 31 + client.partition_id,
+                # seeded by the round of the selection, so a resumed run draws the same rows
+                seed=cfg.seed * 7919 + selection_round * 31 + client.partition_id,
             )
             _store_rows(context, rows)
         return _stored_rows(context) or []

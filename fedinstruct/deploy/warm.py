@@ -220,6 +220,7 @@ class WarmServer:
         self.socket_path, self.commands = socket_path, set(commands)
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
         self.orphans: set[int] = set()  # children whose launcher was killed (signalled)
+        self.started: dict[int, float] = {}  # pid -> when it was forked
         self._stop = False
 
     def serve(self) -> None:
@@ -290,6 +291,7 @@ class WarmServer:
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
+        self.started[pid] = time.monotonic()
         with contextlib.suppress(OSError):
             conn.sendall(PID.pack(pid))
         log.info("%s started as pid %d", request["command"], pid)
@@ -309,16 +311,19 @@ class WarmServer:
     def _reap(self) -> None:
         while self.children:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             conn = self.children.pop(pid, None)
             self.orphans.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            wall = time.monotonic() - self.started.pop(pid, time.monotonic())
+            log.info("pid %d exited with code %d after %.1f s (%.1f s of CPU)", pid, code, wall,
+                     usage.ru_utime + usage.ru_stime)
             if conn is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
             with contextlib.suppress(OSError):
                 conn.sendall(EXIT.pack(code if code >= 0 else 128 - code))
             conn.close()
