@@ -59,6 +59,7 @@ class AdapterServer:
         self._model: PeftModel | None = None
         self._tokenizer = None
         self._held_out: HeldOutSet | None = None
+        self._export_config = None
 
     # -- what crosses the wire --------------------------------------------------------------
     def initial_arrays(self) -> ArrayRecord:
@@ -110,6 +111,9 @@ class AdapterServer:
         return metrics
 
     def export(self, output: RunOutput, server_round: int, arrays: ArrayRecord) -> None:
-        base_path = modeling.resolve_model_path(self.cfg.model)
-        config = modeling.lora_config(self.cfg.model, base_model_name_or_path=base_path)
-        output.save_adapter(server_round, self.adapter_state(arrays), config)
+        if self._export_config is None:  # resolve the base model's path once, not every round
+            base_path = modeling.resolve_model_path(self.cfg.model)
+            self._export_config = modeling.lora_config(
+                self.cfg.model, base_model_name_or_path=base_path
+            )
+        output.save_adapter(server_round, self.adapter_state(arrays), self._export_config)
