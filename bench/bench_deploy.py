@@ -9,7 +9,8 @@ time and where it goes. Same model, data, rounds and settings on both sides.
 Split of a round (seconds, from each run's metrics.jsonl):
 - client: training on the critical path (in the simulation the clients take turns on the
   cores, so their sum; on the deployment the nodes run side by side, so the slowest one);
-- load: model load in the client processes (sum over clients);
+- load: model load in the client processes (sum over clients; 0 where a warm app server
+  had loaded it between messages, off the round's critical path);
 - framework: the rest of the train phase (messages, serialization, process starts, polling);
 - server: evaluation + aggregation + checkpoint (+ the FedHDS selection stage if any).
 Target: from round 2 on, the deployment's round at most 1.2x the simulation's.
@@ -85,8 +86,8 @@ def deployment(args: argparse.Namespace, folder: Path, warm: bool
         if not result.ok:
             raise SystemExit(f"deployment run ended {result.status}:\n{result.logs[-4000:]}")
         kind = dep.network.kind if dep.network else "?"
-    print(f"deployment ({kind}, warm={warm}): started in {started:.1f} s, "
-          f"run took {result.elapsed_s:.1f} s")
+    print(f"deployment ({kind}, warm={warm}, {dep.node_threads} thread(s) per node): started "
+          f"in {started:.1f} s, run took {result.elapsed_s:.1f} s")
     return [split(r, args.nodes) for r in read_rows(folder / "run")], started, result.elapsed_s
 
 

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Entrypoint of the fedinstruct images: one image, every role.
 #   superlink ARGS...        flower-superlink ARGS
-#   supernode ARGS...        flower-supernode ARGS
+#   supernode ARGS...        flower-supernode ARGS, its ClientApp processes forked from a warm
+#                            app server (fedinstruct.deploy.warm; FEDINSTRUCT_WARM=0: off)
 #   serverapp|superexec ...  flower-superexec ARGS (ServerApp/ClientApp runner for
 #                            `--isolation process` deployments)
 #   register ADDRESS CA PUB...  register SuperNode public keys with the SuperLink at ADDRESS
@@ -41,11 +42,24 @@ register() {
   done
 }
 
+warm_supernode() {
+  # Until the server is up (or if it fails) the launchers run Flower's command cold.
+  sock=/tmp/fedinstruct-warm/node.sock
+  shims=/tmp/fedinstruct-warm/bin
+  python -m fedinstruct.deploy.warm flwr-clientapp --socket "$sock" --shims "$shims" \
+    --app fedinstruct.client_app &
+  PATH=$shims:$PATH
+  FEDINSTRUCT_WARM_SOCKET=$sock
+  export PATH FEDINSTRUCT_WARM_SOCKET
+}
+
 role=${1:-}
 [ $# -gt 0 ] && shift
 case $role in
   superlink) exec flower-superlink "$@" ;;
-  supernode) exec flower-supernode "$@" ;;
+  supernode)
+    [ "${FEDINSTRUCT_WARM:-1}" = 0 ] || warm_supernode
+    exec flower-supernode "$@" ;;
   serverapp | superexec) exec flower-superexec "$@" ;;
   register) register "$@" ;;
   make-certs) exec bash "${FEDINSTRUCT_SCRIPTS:-/app/scripts}/make-certs.sh" "$@" ;;

@@ -11,15 +11,22 @@ What leaves the client is only adapter tensors, centroids, integer ids and numbe
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedinstruct.client_selection import select_rows, summarize_local_data
 from fedinstruct.config import RunConfig, config_from_run_config
-from fedinstruct.local_client import client_model, local_client
+from fedinstruct.local_client import client_model, local_client, shared_model
 from fedinstruct.logs import setup_logging
+from fedinstruct.modeling import process_cache
+from fedinstruct.prewarm import leave_hint
 
 log = logging.getLogger(__name__)
 
@@ -108,25 +115,48 @@ def handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def prewarm(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+    """Load the run's base model before the next task is forked (warm app server hook).
+
+    Only on CPU hosts: a process that has touched CUDA cannot fork usable children, so GPU
+    nodes load in each task (from the node's pre-quantized copy). FedBiOT clients build their
+    model from the emulator that comes with the messages and are not prewarmed.
+    """
+    cfg = config_from_run_config(run_config)
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asks without initialising
+    if cfg.strategy.name == "fedbiot" or torch.cuda.is_available():
+        return
+    models = process_cache("base-models")
+    if repr(cfg.model) not in models:
+        models.clear()  # one run's model at a time
+    shared_model(cfg)
+
+
+Handler = Callable[[RunConfig, Message, Context], Message]
+
+
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """A ClientApp for `cfg`, or (None) one that reads Flower's run_config."""
     client_app = ClientApp()
 
-    def config_for(context: Context) -> RunConfig:
+    def run(handler: Handler, msg: Message, context: Context) -> Message:
         setup_logging()
-        return cfg if cfg is not None else run_config_of(context)
+        reply = handler(cfg if cfg is not None else run_config_of(context), msg, context)
+        leave_hint(__name__, Path(__file__).resolve().parents[1], context.run_config,
+                   context.node_config)
+        return reply
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(config_for(context), msg, context)
+        return run(handle_train, msg, context)
 
     @client_app.train("select")
     def select(msg: Message, context: Context) -> Message:
-        return handle_select(config_for(context), msg, context)
+        return run(handle_select, msg, context)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(config_for(context), msg, context)
+        return run(handle_evaluate, msg, context)
 
     return client_app
 

@@ -38,9 +38,6 @@ class LoadedModel:
     upload: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
-_MODELS: dict[str, LoadedModel] = {}
-
-
 def client_model(cfg: RunConfig, msg: Message) -> tuple[LoadedModel, bool]:
     """The model this client trains: the base LLM, or FedBiOT's emulator + adapter."""
     if cfg.strategy.name == "fedbiot":
@@ -53,16 +50,18 @@ def client_model(cfg: RunConfig, msg: Message) -> tuple[LoadedModel, bool]:
 def shared_model(cfg: RunConfig) -> tuple[LoadedModel, bool]:
     """The process's base model with LoRA attached, loaded on first use only.
 
-    Returns the model and whether this call loaded it.
+    Returns the model and whether this call loaded it (False also when a warm app server
+    loaded it before forking this process).
     """
+    models = modeling.process_cache("base-models")  # key -> (peft model, tokenizer, seconds)
     key = repr(cfg.model)
-    if key in _MODELS:
-        return _MODELS[key], False
-    start = time.perf_counter()
-    base, tokenizer = modeling.load_base_model(cfg.model)
-    model = modeling.add_lora(base, cfg.model)
-    _MODELS[key] = LoadedModel(model, tokenizer, time.perf_counter() - start)
-    return _MODELS[key], True
+    fresh = key not in models
+    if fresh:
+        start = time.perf_counter()
+        base, tokenizer = modeling.load_base_model(cfg.model)
+        models[key] = (modeling.add_lora(base, cfg.model), tokenizer, time.perf_counter() - start)
+    model, tokenizer, seconds = models[key]
+    return LoadedModel(model, tokenizer, seconds), fresh
 
 
 @dataclass

@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +40,21 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny"
+
+
+PROCESS_CACHE = "_fedinstruct_process_cache"
+
+
+def process_cache(name: str) -> dict:
+    """A dict that lives as long as the process, even across re-imports of fedinstruct.
+
+    A deployment's warm app server loads a run's base model between messages, drops
+    fedinstruct's modules and forks the next task from itself; the task imports the run's own
+    code and finds the model here, shared copy-on-write (see `fedinstruct.deploy.warm`).
+    Only library objects (models, tokenizers) belong here, never fedinstruct's own classes.
+    """
+    holder = sys.modules.setdefault(PROCESS_CACHE, types.ModuleType(PROCESS_CACHE))
+    return holder.__dict__.setdefault(name, {})
 
 
 def cache_root() -> Path:

@@ -76,10 +76,14 @@ def test_fedit_run_on_the_deployment(deployment, tmp_path):
         assert row["nodes_replied"] == 2 and row["train_samples"] > 0
         assert row["time_train_phase"] >= row["time_client_train_max"] > 0
     assert (tmp_path / "fedit" / "adapters" / "final" / "adapter_model.safetensors").exists()
-    # every app process started from its node's pre-imported parent
+    # every app process started from its node's pre-imported parent, which loaded the run's
+    # model after round 1's task: round 2's tasks found it in memory
+    assert metrics[1]["time_client_load"] > 0
+    assert metrics[2]["time_client_load"] == 0
     for name in ("node-0", "node-1"):
-        assert "flwr-clientapp started as pid" in (deployment.workdir / f"{name}-warm.log"
-                                                   ).read_text()
+        warm_log = (deployment.workdir / f"{name}-warm.log").read_text()
+        assert "flwr-clientapp started as pid" in warm_log
+        assert "prewarmed fedinstruct.client_app" in warm_log
 
 
 def test_fedhds_run_on_the_deployment(deployment, tmp_path):

@@ -14,6 +14,7 @@ Each component runs as its own Flower process, by default in its own network nam
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,7 @@ from fedinstruct.deploy.process import (
     start_process,
     stop_managed,
     stop_processes,
+    thread_env,
     wait_for_log,
 )
 from fedinstruct.deploy.run import (
@@ -87,6 +89,11 @@ class LocalDeployment:
     after a clean stop unless keep_workdir=True. With warm=True (default) every SuperNode and
     the SuperLink start their app processes from a pre-imported parent (see
     `fedinstruct.deploy.warm`) instead of a cold Python start per message.
+
+    The nodes stand for separate machines but share this host's cores: each gets its share
+    (`node_threads`, default cores // nodes, at least 1) as its math-library thread count, as
+    Flower's simulation does for its client actors. Oversubscribed OpenMP threads spin against
+    each other and would make every node several times slower than a machine of its own.
     """
 
     def __init__(self, app_dir: str | Path, num_nodes: int = 2, *, tls: bool = True,
@@ -98,7 +105,7 @@ class LocalDeployment:
                  env: Mapping[str, str] | None = None,
                  node_env: Sequence[Mapping[str, str]] | None = None,
                  start_timeout: float = 120.0, keep_workdir: bool = False,
-                 warm: bool = True) -> None:
+                 warm: bool = True, node_threads: int | None = None) -> None:
         self.app_dir = Path(app_dir).resolve()
         if not (self.app_dir / "pyproject.toml").is_file():
             raise DeploymentError(f"app_dir {self.app_dir} has no pyproject.toml")
@@ -110,6 +117,7 @@ class LocalDeployment:
         self.isolation, self.database = isolation, database
         self.requested_port, self.start_timeout = superlink_port, start_timeout
         self.env, self.node_env = dict(env or {}), list(node_env or [{}] * num_nodes)
+        self.node_threads = node_threads or max(1, (os.cpu_count() or 1) // num_nodes)
         self._tmp = None if workdir else tempfile.mkdtemp(prefix="fedinstruct-deploy-")
         self.keep_workdir = keep_workdir
         self.workdir = Path(workdir or self._tmp).resolve()
@@ -294,7 +302,8 @@ class LocalDeployment:
             index or 0, superlink=self.superlink_address, certs_dir=self.certs_dir,
             keys_dir=self.keys_dir, host=host, port=port, key_name=name, node_config=node_config)
         argv = [*self.network.exec_prefix(member), flower_executable("flower-supernode"), *args]
-        env = self._member_env(name, self.node_env[index] if index is not None else {})
+        env = self._member_env(name, {**thread_env(self.node_threads),
+                                      **(self.node_env[index] if index is not None else {})})
         warm = self._start_warm(name, member, "flwr-clientapp", env)
         process = self._harvester.watch(start_process(name, argv, self.workdir / f"{name}.log",
                                                       env))

@@ -247,6 +247,11 @@ def describe(processes: Iterable[psutil.Process]) -> str:
     return "; ".join(parts)
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """Math-library thread counts for a process that gets `threads` cores of a shared host."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for every Flower process: no runtime pip installs, no update checks."""
     env = dict(os.environ)

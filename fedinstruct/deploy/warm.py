@@ -14,6 +14,12 @@ which forks a child that runs Flower's real entry point and reports its exit cod
 - A child is not reused for the next message: Flower's `flwr-clientapp` ends through
   `flwr_exit`, which runs process-wide exit handlers and arms a force-exit timer, so one
   process per task is what its code path supports.
+- Prewarm: a finished task leaves a hint (`fedinstruct.prewarm`); between messages the server
+  runs that app's `prewarm` hook, which loads the run's base model into the process cache, so
+  the next task starts with the model in memory (shared copy-on-write) instead of loading it.
+- The server runs math libraries single-threaded: OpenMP's thread pool does not survive a
+  fork (a child forked after a multi-threaded op hangs in its first one). Each child gets its
+  thread count back (OMP_NUM_THREADS, else the default) before it runs.
 
     python -m fedinstruct.deploy.warm flwr-clientapp --app fedinstruct.client_app \\
         --socket /run/fi/node.sock --shims /run/fi/bin
@@ -34,101 +40,29 @@ import random
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from fedinstruct.deploy.launcher import (
+    EXIT,
+    HEADER,
+    PID,
+    READY,
+    SOCKET_ENV,
+    route_to_server,
+    server_command,
+    write_launchers,
+)
+from fedinstruct.prewarm import HINT_ENV, take_hint
+
 log = logging.getLogger("fedinstruct.deploy")
 
-SOCKET_ENV = "FEDINSTRUCT_WARM_SOCKET"
-READY = "warm app server ready"
-HEADER = struct.Struct("!I")  # length of the JSON request that follows
-PID = struct.Struct("!q")  # server -> launcher: the child's pid (0: refused, run it yourself)
-EXIT = struct.Struct("!i")  # server -> launcher: the child's exit code
-
-LAUNCHER = '''#!{python} -S
-"""{command}: run by the warm app server at ${env} (see fedinstruct.deploy.warm)."""
-import array, json, os, signal, socket, struct, sys
-
-REAL = {real!r}
-
-
-def cold():
-    os.execv(REAL, [REAL, *sys.argv[1:]])
-
-
-try:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(os.environ["{env}"])
-except (KeyError, OSError):
-    cold()
-fds = []
-for fd in (0, 1, 2):
-    try:
-        os.fstat(fd)
-        fds.append(fd)
-    except OSError:
-        pass
-request = json.dumps({{"command": {command!r}, "argv": sys.argv[1:], "cwd": os.getcwd(),
-                      "env": dict(os.environ), "fds": fds}}).encode()
-conn.sendmsg([struct.pack("!I", len(request)) + request],
-             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-
-
-def receive(size):
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-answer = receive(8)
-child = struct.unpack("!q", answer)[0] if answer else 0
-if child <= 0:
-    conn.close()
-    cold()
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(sig, lambda number, frame: os.kill(child, number))
-status = receive(4)
-sys.exit(struct.unpack("!i", status)[0] if status else 1)
-'''
-
-
-def write_launchers(folder: Path, commands: Iterable[str], python: str = sys.executable) -> Path:
-    """Write one launcher per Flower command into folder (put it first on the PATH)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(python).parent
-    for command in commands:
-        real = bin_dir / command
-        path = folder / command
-        path.write_text(LAUNCHER.format(python=python, command=command, env=SOCKET_ENV,
-                                        real=str(real if real.exists() else command)))
-        path.chmod(0o755)
-    return folder
-
-
-def server_command(command: str, socket_path: Path, shims: Path, app_dir: Path) -> list[str]:
-    """argv of a warm server for a Flower command, pre-importing the app module it runs."""
-    from flwr.common.config import get_project_config
-
-    component = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}[command]
-    app_ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"][component]
-    return [sys.executable, "-m", "fedinstruct.deploy.warm", command, "--socket",
-            str(socket_path), "--shims", str(shims), "--app", app_ref.split(":")[0]]
-
-
-def route_to_server(env: dict[str, str], socket_path: Path, shims: Path) -> None:
-    """Make the processes started with env launch their app processes from the server."""
-    env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
-    env[SOCKET_ENV] = str(socket_path)
+__all__ = ["READY", "SOCKET_ENV", "WarmServer", "main", "route_to_server", "server_command"]
 
 
 def entry_point(command: str):
@@ -153,6 +87,11 @@ def warm_up(app_modules: Sequence[str], preload: Sequence[str] = ()) -> None:
             log.info("pre-imported %s in %.1f s", module, time.perf_counter() - start)
         except Exception:
             log.exception("could not pre-import %s; children will import it themselves", module)
+    drop_app_modules(app_modules)
+
+
+def drop_app_modules(app_modules: Sequence[str]) -> None:
+    """Forget the app's own packages, so that each child imports them from the run's FAB."""
     for package in {module.split(".")[0] for module in app_modules}:
         own = [name for name in sys.modules if name == package or name.startswith(package + ".")]
         for name in own:
@@ -161,6 +100,20 @@ def warm_up(app_modules: Sequence[str], preload: Sequence[str] = ()) -> None:
                  len(own), package)
     gc.collect()
     gc.freeze()  # keep the garbage collector from touching (and copying) the shared pages
+
+
+def single_threaded() -> int:
+    """Make this process's math libraries single-threaded; return the children's count."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        threads = threads or torch.get_num_threads()
+        torch.set_num_threads(1)
+    with contextlib.suppress(ImportError):
+        from tqdm import tqdm
+
+        tqdm.monitor_interval = 0  # no monitor thread: forking must not copy a held lock
+    return threads or (os.cpu_count() or 1)
 
 
 def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -182,7 +135,7 @@ def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def _run_child(request: dict, fds: list[int]) -> int:
+def _run_child(request: dict, fds: list[int], threads: int, hint: Path | None) -> int:
     """In the forked child: become the requested Flower command; return its exit code."""
     for target, fd in zip(request["fds"], fds, strict=True):
         os.dup2(fd, target)
@@ -198,6 +151,9 @@ def _run_child(request: dict, fds: list[int]) -> int:
         sys.modules["numpy"].random.seed()
     if "torch" in sys.modules:
         sys.modules["torch"].seed()
+        sys.modules["torch"].set_num_threads(threads)
+    if hint is not None:
+        os.environ[HINT_ENV] = str(hint)
     sys.argv = [request["command"], *request["argv"]]
     try:
         entry_point(request["command"])()
@@ -216,8 +172,12 @@ def _run_child(request: dict, fds: list[int]) -> int:
 class WarmServer:
     """Accepts launcher requests on a Unix socket and forks a child for each (one thread)."""
 
-    def __init__(self, socket_path: Path, commands: Sequence[str]) -> None:
+    def __init__(self, socket_path: Path, commands: Sequence[str], *, threads: int = 1,
+                 prewarm: bool = False) -> None:
         self.socket_path, self.commands = socket_path, set(commands)
+        self.threads = threads  # each child's math-library thread count
+        self.hint = socket_path.with_suffix(".hint.json") if prewarm else None
+        self.prewarmed = ""  # the hint last acted on
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
         self.orphans: set[int] = set()  # children whose launcher was killed (signalled)
         self.started: dict[int, float] = {}  # pid -> when it was forked
@@ -248,6 +208,7 @@ class WarmServer:
                     else:
                         self._launcher_gone(ready)
                 self._reap()
+                self._prewarm()
         finally:
             listener.close()
             self.socket_path.unlink(missing_ok=True)
@@ -282,7 +243,7 @@ class WarmServer:
                     other.close()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                code = _run_child(request, fds)
+                code = _run_child(request, fds, self.threads, self.hint)
             finally:
                 with contextlib.suppress(OSError):
                     sys.stdout.flush()
@@ -295,6 +256,30 @@ class WarmServer:
         with contextlib.suppress(OSError):
             conn.sendall(PID.pack(pid))
         log.info("%s started as pid %d", request["command"], pid)
+
+    def _prewarm(self) -> None:
+        """Run the `prewarm` hook of the app a finished task named (once per hint)."""
+        if self.hint is None or not self.hint.exists():
+            return
+        hint = take_hint(self.hint)
+        key = json.dumps(hint, sort_keys=True)
+        if hint is None or key == self.prewarmed:
+            return
+        self.prewarmed = key
+        start = time.perf_counter()
+        sys.path.insert(0, hint["app_dir"])
+        try:
+            hook = getattr(importlib.import_module(hint["module"]), "prewarm", None)
+            if hook is not None:
+                hook(hint["run_config"], hint["node_config"])
+                log.info("prewarmed %s in %.1f s", hint["module"], time.perf_counter() - start)
+        except Exception:
+            log.exception("prewarm of %s failed; tasks load for themselves", hint["module"])
+        finally:
+            sys.path.remove(hint["app_dir"])
+            drop_app_modules([hint["module"]])
+        if threading.active_count() > 1:
+            log.warning("prewarm left %d threads running", threading.active_count())
 
     def _launcher_gone(self, conn: socket.socket) -> None:
         """The launcher closed its end (it was killed): stop its child as well."""
@@ -352,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preload", action="append", default=[],
                         help="further module to pre-import and keep")
     parser.add_argument("--shims", type=Path, help="also write the launchers into this folder")
+    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                        help="do not load a run's model between its tasks (flwr-clientapp)")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s warm %(levelname)s %(message)s"))
@@ -363,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.shims:
         write_launchers(args.shims, args.commands)
     warm_up(args.app, args.preload)
-    WarmServer(args.socket, args.commands).serve()
+    threads = single_threaded()
+    prewarm = args.prewarm and "flwr-clientapp" in args.commands
+    WarmServer(args.socket, args.commands, threads=threads, prewarm=prewarm).serve()
 
 
 if __name__ == "__main__":
