@@ -78,7 +78,7 @@ def deployment(args: argparse.Namespace, folder: Path, warm: bool
 
     start = time.perf_counter()
     with LocalDeployment(REPO, num_nodes=args.nodes, tls=True, auth=True,
-                         isolation=args.isolation, warm=warm,
+                         isolation=args.isolation, warm=warm, database=args.database or None,
                          workdir=folder / "deploy", start_timeout=600) as dep:
         started = time.perf_counter() - start
         result = dep.run(timeout=args.timeout,
@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="also run the deployment without warm app processes")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per deployment run, s")
+    parser.add_argument("--database", default="state.db",
+                        help="SuperLink state file (default, persistent) or '' for in-memory state")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -163,6 +165,7 @@ def main() -> None:
         print(f"load average after: {os.getloadavg()}")
 
     title = (f"FedIT, model={args.model}, {args.nodes} nodes, {args.rounds} rounds, "
+             f"SuperLink state {args.database or 'in memory'}, "
              f"{args.steps} steps, {args.samples} samples per client, {os.cpu_count()} CPUs")
     table(title, runs, "simulation")
     verdict(runs, "simulation")

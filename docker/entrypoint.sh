@@ -47,7 +47,7 @@ warm_supernode() {
   sock=/tmp/fedinstruct-warm/node.sock
   shims=/tmp/fedinstruct-warm/bin
   python -m fedinstruct.deploy.warm flwr-clientapp --socket "$sock" --shims "$shims" \
-    --app fedinstruct.client_app &
+    --app fedinstruct.client_app --exit-with-parent &
   PATH=$shims:$PATH
   FEDINSTRUCT_WARM_SOCKET=$sock
   export PATH FEDINSTRUCT_WARM_SOCKET
@@ -58,7 +58,10 @@ role=${1:-}
 case $role in
   superlink) exec flower-superlink "$@" ;;
   supernode)
-    [ "${FEDINSTRUCT_WARM:-1}" = 0 ] || warm_supernode
+    case " $* " in
+      *" --help "* | *" -h "* | *" --version "* | *" -V "*) ;;  # nothing to serve
+      *) [ "${FEDINSTRUCT_WARM:-1}" = 0 ] || warm_supernode ;;
+    esac
     exec flower-supernode "$@" ;;
   serverapp | superexec) exec flower-superexec "$@" ;;
   register) register "$@" ;;

@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from peft import get_peft_model_state_dict
 
 from fedinstruct.client_selection import select_rows, summarize_local_data
 from fedinstruct.config import RunConfig, config_from_run_config
-from fedinstruct.local_client import client_model, local_client, shared_model
+from fedinstruct.local_client import LoadedModel, client_model, local_client, shared_model
 from fedinstruct.logs import setup_logging
 from fedinstruct.modeling import process_cache
 from fedinstruct.prewarm import leave_hint
+from fedinstruct.wire import layout_of, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,13 @@ def run_config_of(context: Context) -> RunConfig:
     return _CONFIGS[key]
 
 
-def _global_state(msg: Message) -> dict:
-    return msg.content["arrays"].to_torch_state_dict()
+def _global_state(msg: Message, loaded: LoadedModel) -> dict:
+    """The adapter the server sent, unpacked against this client's own model's LoRA."""
+    layout = layout_of(get_peft_model_state_dict(loaded.model))
+    try:
+        return unpack(msg.content["arrays"], layout).to_torch_state_dict()
+    except ValueError as err:
+        raise ValueError(f"the server's adapter does not fit this client's model: {err}") from err
 
 
 def _proximal_weight(cfg: RunConfig, config) -> float:
@@ -64,7 +71,7 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     state, result = client.train(
         loaded.model,
         loaded.tokenizer,
-        _global_state(msg),
+        _global_state(msg, loaded),
         rows,
         server_round=server_round,
         proximal_weight=_proximal_weight(cfg, config),
@@ -87,7 +94,7 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
             "partition-id": client.partition_id,
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    content = RecordDict({"arrays": pack(state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -98,7 +105,9 @@ def handle_select(cfg: RunConfig, msg: Message, context: Context) -> Message:
     client.prepare(loaded.tokenizer)
     start = time.perf_counter()
     server_round = int(msg.content["config"]["server-round"])
-    centroids = summarize_local_data(cfg, client, context, loaded, _global_state(msg), server_round)
+    centroids = summarize_local_data(
+        cfg, client, context, loaded, _global_state(msg, loaded), server_round
+    )
     metrics = MetricRecord(
         {"local-samples": len(client.dataset), "time-select": time.perf_counter() - start}
     )
@@ -110,7 +119,7 @@ def handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
     client = local_client(cfg, dict(context.node_config))
     loaded, _ = client_model(cfg, msg)
     client.prepare(loaded.tokenizer)
-    loss, count = client.evaluate(loaded.model, loaded.tokenizer, _global_state(msg))
+    loss, count = client.evaluate(loaded.model, loaded.tokenizer, _global_state(msg, loaded))
     metrics = MetricRecord({"eval-loss": loss, "num-examples": count})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 

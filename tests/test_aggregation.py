@@ -112,3 +112,21 @@ def test_server_optimizers_are_selectable(flower_identity):
         if name == "fedprox":
             msg = next(iter(strategy.configure_train(2, arrays, ConfigRecord(), NodeList([1]))))
             assert msg.content["config"]["proximal-mu"] > 0
+
+
+def test_packed_adapter_round_trips_and_a_misfit_is_refused():
+    from fedinstruct.wire import PACKED, layout_of, pack, unpack
+
+    rng = np.random.default_rng(0)
+    state = {"b.lora_B.weight": rng.normal(size=(8, 2)).astype(np.float32),
+             "a.lora_A.weight": rng.normal(size=(2, 8)).astype(np.float32)}
+    packed = pack(state)
+    assert list(packed.keys()) == [PACKED] and packed[PACKED].numpy().shape == (32,)
+    # sorted-name order: a's values come first, whatever order the dict had
+    np.testing.assert_array_equal(packed[PACKED].numpy()[:16], state["a.lora_A.weight"].ravel())
+    assert pack(packed) is packed
+    back = unpack(packed, layout_of(state))
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(back[name].numpy(), tensor)
+    with pytest.raises(ValueError, match="holds 32 values.*need 48"):
+        unpack(packed, {**layout_of(state), "c.lora_A.weight": (2, 8)})

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedinstruct import modeling
 from fedinstruct.client_app import handle_select, handle_train
+from fedinstruct.wire import layout_of, unpack
 
 
 def _context(partition_id: int = 0) -> Context:
@@ -45,11 +46,16 @@ def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_ide
     content = reply.content
     _assert_only_numbers(content)
     assert list(content.array_records) == ["arrays"]
-    arrays = content["arrays"]
+    # packed on the wire: one float32 array, exactly as long as the adapter
+    (packed,) = content["arrays"].values()
+    assert packed.numpy().dtype == np.float32 and packed.numpy().ndim == 1
+    assert packed.numpy().size == sum(t.numel() for t in state.values())
+    arrays = unpack(content["arrays"], layout_of(state))
     assert set(arrays.keys()) == set(state), "the reply holds tensors other than the adapter's"
-    for key, array in arrays.items():
+    for key in arrays.keys():
         assert ".lora_A." in key or ".lora_B." in key
-        assert array.numpy().dtype == np.float32, f"{key} is not a float tensor"
+    assert any(not np.array_equal(arrays[k].numpy(), state[k].numpy()) for k in state), \
+        "the reply is not the trained adapter"
 
 
 def test_select_reply_holds_only_centroids_and_integer_ids(tiny_config, flower_identity):

@@ -173,8 +173,9 @@ class WarmServer:
     """Accepts launcher requests on a Unix socket and forks a child for each (one thread)."""
 
     def __init__(self, socket_path: Path, commands: Sequence[str], *, threads: int = 1,
-                 prewarm: bool = False) -> None:
+                 prewarm: bool = False, parent: int | None = None) -> None:
         self.socket_path, self.commands = socket_path, set(commands)
+        self.parent = parent  # stop once this process (e.g. the SuperNode) is gone
         self.threads = threads  # each child's math-library thread count
         self.hint = socket_path.with_suffix(".hint.json") if prewarm else None
         self.prewarmed = ""  # the hint last acted on
@@ -197,6 +198,9 @@ class WarmServer:
         print(f"{READY} on {self.socket_path} for {sorted(self.commands)}", flush=True)
         try:
             while not self._stop:
+                if self.parent is not None and os.getppid() != self.parent:
+                    log.info("the process that started this server is gone; stopping")
+                    break
                 watched = [listener, *self.children.values()]
                 try:
                     readable, _, _ = select.select(watched, [], [], 0.2)
@@ -337,9 +341,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preload", action="append", default=[],
                         help="further module to pre-import and keep")
     parser.add_argument("--shims", type=Path, help="also write the launchers into this folder")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop when the process that started the server exits")
     parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                         help="do not load a run's model between its tasks (flwr-clientapp)")
     args = parser.parse_args(argv)
+    parent = os.getppid()  # before the slow warm-up, in case it exits meanwhile
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s warm %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -352,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warm_up(args.app, args.preload)
     threads = single_threaded()
     prewarm = args.prewarm and "flwr-clientapp" in args.commands
-    WarmServer(args.socket, args.commands, threads=threads, prewarm=prewarm).serve()
+    WarmServer(args.socket, args.commands, threads=threads, prewarm=prewarm,
+               parent=parent if args.exit_with_parent else None).serve()
 
 
 if __name__ == "__main__":
