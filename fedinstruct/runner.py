@@ -25,7 +25,7 @@ from fedinstruct.messaging import exchange
 from fedinstruct.run_output import RunOutput
 from fedinstruct.selection import select_global
 from fedinstruct.server_model import AdapterServer
-from fedinstruct.wire import Layout, layout_of, pack_message, unpack_reply
+from fedinstruct.wire import layout_of, pack_message, unpack_reply
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,13 @@ class FederatedRun:
             messages = [
                 _with_selection(msg, selected.get(msg.metadata.dst_node_id, [])) for msg in messages
             ]
-        upload = layout_of(self.strategy.upload_reference(arrays))
-        replies = self._exchange(messages, f"round {server_round} train", upload=upload)
-        bytes_down += sum(record_bytes(m.content) for m in messages)
+        replies = self._exchange(messages, f"round {server_round} train")
         row["time_train_phase"] = time.perf_counter() - t
         ok = [r for r in replies if not r.has_error()]
+        bytes_down += sum(record_bytes(m.content) for m in messages)  # as sent: packed
         bytes_up += sum(record_bytes(r.content) for r in ok)
+        upload = layout_of(self.strategy.upload_reference(arrays))
+        replies = [unpack_reply(r, upload) for r in replies]
         missing = len(messages) - len(ok)
         if missing:
             log.warning(
@@ -269,24 +270,16 @@ class FederatedRun:
         )
 
     def _exchange(
-        self,
-        messages: Iterable[Message],
-        label: str,
-        min_replies: int | None = None,
-        upload: Layout | None = None,
+        self, messages: Iterable[Message], label: str, min_replies: int | None = None
     ) -> list[Message]:
-        """Send, then collect the replies within round_timeout (see fedinstruct.messaging).
-
-        Adapters travel packed (see fedinstruct.wire); replies are unpacked against `upload`,
-        the names and shapes a client update must have.
-        """
+        """Send (adapters packed, see fedinstruct.wire), then collect the replies within
+        round_timeout (see fedinstruct.messaging)."""
         fed = self.cfg.federation
         quorum = fed.min_replies if min_replies is None else min_replies
         messages = [pack_message(msg) for msg in messages]
-        replies = exchange(
+        return exchange(
             self.grid, messages, timeout=fed.round_timeout, min_replies=quorum, label=label
         )
-        return [unpack_reply(r, upload) for r in replies] if upload is not None else replies
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
         tensors = {f"global/{k}": v for k, v in arrays.to_torch_state_dict().items()}

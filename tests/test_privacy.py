@@ -52,7 +52,7 @@ def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_ide
     assert packed.numpy().size == sum(t.numel() for t in state.values())
     arrays = unpack(content["arrays"], layout_of(state))
     assert set(arrays.keys()) == set(state), "the reply holds tensors other than the adapter's"
-    for key in arrays.keys():
+    for key in arrays:
         assert ".lora_A." in key or ".lora_B." in key
     assert any(not np.array_equal(arrays[k].numpy(), state[k].numpy()) for k in state), \
         "the reply is not the trained adapter"
