@@ -25,7 +25,7 @@ from fedinstruct.messaging import exchange
 from fedinstruct.run_output import RunOutput
 from fedinstruct.selection import select_global
 from fedinstruct.server_model import AdapterServer
-from fedinstruct.wire import layout_of, pack_message, unpack_reply
+from fedinstruct.wire import pack_message
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,6 @@ class FederatedRun:
         ok = [r for r in replies if not r.has_error()]
         bytes_down += sum(record_bytes(m.content) for m in messages)  # as sent: packed
         bytes_up += sum(record_bytes(r.content) for r in ok)
-        upload = layout_of(self.strategy.upload_reference(arrays))
-        replies = [unpack_reply(r, upload) for r in replies]
         missing = len(messages) - len(ok)
         if missing:
             log.warning(

@@ -10,15 +10,12 @@ already knows (its own model's adapter, or the reference the server sent), so no
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
-
-log = logging.getLogger(__name__)
 
 PACKED = "packed"  # the one array of a packed record
 
@@ -65,15 +62,4 @@ def pack_message(msg: Message, key: str = "arrays") -> Message:
     """Pack the message's adapter record in place (other records, e.g. centroids, as they are)."""
     if key in msg.content.array_records:
         msg.content[key] = pack(msg.content[key])
-    return msg
-
-
-def unpack_reply(msg: Message, layout: Layout, key: str = "arrays") -> Message:
-    """Unpack a reply's adapter; one that does not fit is left packed, for screening to refuse."""
-    if not msg.has_error() and key in msg.content.array_records:
-        try:
-            msg.content[key] = unpack(msg.content[key], layout)
-        except ValueError as err:
-            log.warning("node %s sent an adapter that does not fit: %s", msg.metadata.src_node_id,
-                        err)
     return msg

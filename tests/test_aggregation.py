@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedinstruct.config import compose_config
 from fedinstruct.strategies.fedit import build_fedit
+from fedinstruct.wire import pack
 
 KEYS = [
     "base_model.model.layers.0.self_attn.q_proj.lora_A.weight",
@@ -39,8 +40,8 @@ def _round(strategy, global_state, client_states, samples):
     messages = list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid))
     replies = []
     for msg, state, n in zip(messages, client_states, samples, strict=False):
-        content = RecordDict(
-            {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}
+        content = RecordDict(  # packed, as a client sends it (fedinstruct.wire)
+            {"arrays": pack(state), "metrics": MetricRecord({"num-examples": n})}
         )
         replies.append(Message(content, reply_to=msg))
     return strategy.aggregate_train(1, replies)
@@ -115,7 +116,7 @@ def test_server_optimizers_are_selectable(flower_identity):
 
 
 def test_packed_adapter_round_trips_and_a_misfit_is_refused():
-    from fedinstruct.wire import PACKED, layout_of, pack, unpack
+    from fedinstruct.wire import PACKED, layout_of, unpack
 
     rng = np.random.default_rng(0)
     state = {"b.lora_B.weight": rng.normal(size=(8, 2)).astype(np.float32),

@@ -133,7 +133,8 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
         if msg.metadata.message_type == "train":
             assert SELECTED_KEY in msg.content["config"]  # FedHDS's ids ride along
             assert set(reply.content.array_records) == {"arrays"}
-            assert set(reply.content["arrays"].keys()) == set(adapter_lora)
+            up = unpack(reply.content["arrays"], {k: layout[k] for k in adapter_lora})
+            assert set(up.keys()) == set(adapter_lora)
         assert not reply.content.config_records
         for metrics in reply.content.metric_records.values():
             assert all(isinstance(v, int | float) for v in metrics.values())

@@ -18,6 +18,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from fedinstruct.wire import layout_of, unpack
+
 log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "num-examples"
@@ -77,10 +79,14 @@ class AdapterAggregation:
                     "node %s trained on no samples this round; left out", msg.metadata.src_node_id
                 )
                 continue
-            update = next(iter(msg.content.array_records.values()), None)
+            name, update = next(iter(msg.content.array_records.items()), (None, None))
             reason = "no adapter in reply" if update is None else None
             if update is not None and self._reference is not None:
-                reason = update_problem(update, self._reference)
+                try:  # adapters travel packed (fedinstruct.wire); unpack against the reference
+                    update = msg.content[name] = unpack(update, layout_of(self._reference))
+                    reason = update_problem(update, self._reference)
+                except ValueError as err:
+                    reason = str(err)
             if reason:
                 log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, reason)
                 continue
