@@ -12,7 +12,6 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-DOLLY_SPLIT = REPO.parent / "shared" / "data" / "dolly15k-fedit10"
 
 # Small, fast settings for end-to-end runs with model=tiny.
 TINY_RUN = [

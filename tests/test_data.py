@@ -36,7 +36,6 @@ from fedinstruct.data import (
     tokenize_example,
 )
 
-DOLLY_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k-fedit10"
 COLUMNS = ["instruction", "context", "response", "category"]
 ROWS = [
     {"instruction": "What is 2 + 2?", "context": "", "response": "4", "category": "math"},
@@ -114,19 +113,21 @@ def test_custom_field_map(tmp_path: Path) -> None:
                              "category": "geo"}]
 
 
-def test_prepartitioned_dolly_folder() -> None:
-    folder = str(DOLLY_DIR)
-    assert count_prepartitions(folder) == 10
-    train = load_prepartitioned(folder, 0)
+def test_prepartitioned_dolly_folder(tmp_path: Path) -> None:
+    """The FedIT split's layout: local_training_<i>.json per client, global_test.json."""
+    for client in range(3):
+        _write_json(tmp_path / f"local_training_{client}.json", ROWS[client:] + ROWS[:client])
+    _write_json(tmp_path / "global_test.json", ROWS * 2)
+    folder = str(tmp_path)
+    assert count_prepartitions(folder) == 3
+    train = load_prepartitioned(folder, 1)
     assert train.column_names == COLUMNS
-    assert len(train) == 1493
-    assert 1 <= len(set(train["category"][:])) <= 3  # two category-sorted shards
+    assert train["instruction"][:] == [row["instruction"] for row in ROWS[1:] + ROWS[:1]]
     test = load_prepartitioned_test(folder)
-    assert len(test) == 80
-    assert Counter(test["category"][:]) == {c: 10 for c in set(test["category"][:])}
-    assert len(set(test["category"][:])) == 8
-    with pytest.raises(ValueError, match="10 partitions"):
-        load_prepartitioned(folder, 10)
+    assert len(test) == 6
+    assert Counter(test["category"][:]) == {row["category"]: 2 for row in ROWS}
+    with pytest.raises(ValueError, match="3 partitions"):
+        load_prepartitioned(folder, 3)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_prepartitioned_test(folder, test_file="nope.json")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,6 @@ from fedinstruct.simulation import simulate
 from fedinstruct.strategies.fedbiot import build_fedbiot, public_dataset
 from fedinstruct.wire import PACKED, layout_of, unpack
 
-DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k-fedit10"
 LAYER = re.compile(r"layers\.(\d+)\.")
 # 6 layers, K=2, beta=0.5: emulator keeps full layers 0 and 3, adapter = layers 4 and 5.
 SETTINGS = [
@@ -196,12 +194,16 @@ def test_exported_adapter_loads_on_the_full_model(simulated_run):
     assert lora_layers == {4, 5}
 
 
-def test_fedbiot_config_is_checked():
+def test_fedbiot_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="server_optimizer"):
         compose_config(["strategy=fedbiot", "strategy.server_optimizer=fedadam"])
+    split = tmp_path / "dolly-split"  # a client's file must never serve as public data
+    split.mkdir()
+    row = {"instruction": "Name a color.", "context": "", "response": "Blue", "category": "open_qa"}
+    (split / "local_training_0.json").write_text(json.dumps([row]))
     cfg = compose_config(
-        ["strategy=fedbiot", "dataset=dolly", f"dataset.source={DOLLY}",
-         f"strategy.fedbiot.public_dataset={DOLLY / 'local_training_0.json'}"]
+        ["strategy=fedbiot", "dataset=dolly", f"dataset.source={split}",
+         f"strategy.fedbiot.public_dataset={split / 'local_training_0.json'}"]
     )
     with pytest.raises(ConfigError, match="public_dataset"):
         public_dataset(cfg)
