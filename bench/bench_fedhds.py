@@ -91,7 +91,14 @@ def sample_fitting(dataset, tokenizer, max_length: int, count: int, seed: int) -
 
 
 def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]:
-    """A copy of the first `clients` partitions and the test file, scaled down (see module doc)."""
+    """A copy of the first `clients` partitions and the test file, scaled down (see module doc).
+
+    With ``--zero-shot CATEGORY`` (the paper's protocol) that category's rows leave every
+    client's data and the held-out rows are drawn from them (and from global_test.json's);
+    otherwise the held-out rows come from global_test.json, stratified by category.
+    """
+    from datasets import concatenate_datasets
+
     from fedinstruct import modeling
     from fedinstruct.config import compose_config
     from fedinstruct.data import load_prepartitioned, load_prepartitioned_test
@@ -100,8 +107,12 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
     tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(cfg.model))
     target.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"clients": [], "short_clients": []}
+    unseen = []
     for client in range(args.clients):
         data = load_prepartitioned(args.data, client)
+        if args.zero_shot:
+            unseen.append(data.filter(lambda row: row["category"] == args.zero_shot))
+            data = data.filter(lambda row: row["category"] != args.zero_shot)
         keep = sample_fitting(data, tokenizer, args.max_length, args.samples_per_client,
                               seed=args.seed * 1_000 + client)
         if len(keep) < args.samples_per_client:
@@ -110,6 +121,12 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
         (target / f"local_training_{client}.json").write_text(json.dumps(rows))
         info["clients"].append((len(keep), len(data)))
     test = load_prepartitioned_test(args.data)
+    if args.zero_shot:
+        test = concatenate_datasets(
+            [test.filter(lambda row: row["category"] == args.zero_shot), *unseen]
+        )
+        if len(test) == 0:
+            raise SystemExit(f"--zero-shot {args.zero_shot!r}: no row has that category")
     fits = fitting_rows(test, tokenizer, args.max_length)
     categories = [test[i]["category"] or "" for i in fits]
     chosen = [fits[i] for i in stratified(categories, args.eval_samples, args.seed)]
@@ -240,6 +257,16 @@ def target_lines(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def held_out(args: argparse.Namespace, info: dict[str, Any]) -> str:
+    total, fitting, chosen = info["test"]
+    if args.zero_shot:
+        return (f"- held-out (zero-shot, the paper's protocol): {chosen} rows of the unseen "
+                f"category {args.zero_shot!r} ({fitting} of its {total} rows fit), which no "
+                "client trains on")
+    return (f"- held-out: {chosen} rows of global_test.json ({fitting} of {total} fit), "
+            f"stratified by category {info['test_categories']}")
+
+
 def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, dict[str, Any]],
            random_count: int, loads: tuple[float, float], total_s: float) -> str:
     full = results[FEDIT]
@@ -252,9 +279,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, di
         f"- clients' data scaled down: per client a seeded sample of {args.samples_per_client} "
         f"rows among those whose prompt + response fit in {args.max_length} tokens "
         f"(rows used/held per client: {local})",
-        f"- held-out: {info['test'][2]} rows of global_test.json ({info['test'][1]} of "
-        f"{info['test'][0]} fit), stratified by category {info['test_categories']}; "
-        "Rouge-L F of greedy generations "
+        held_out(args, info) + "; Rouge-L F of greedy generations "
         f"({args.max_new_tokens} new tokens) and response-token loss, after every round",
         f"- training: batch {args.batch_size}; FedIT-all 1 epoch over all local rows per round; "
         f"coreset variants {args.coreset_epochs} epoch(s) over the coreset; Random draws "
@@ -315,6 +340,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples-per-client", type=int)
     parser.add_argument("--eval-samples", type=int)
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--zero-shot", default="summarization", metavar="CATEGORY",
+                        help="hold this category out of training and evaluate on it, as the "
+                        "paper does on Dolly ('' evaluates on global_test.json's categories)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--coreset-epochs", type=float, default=1.0)

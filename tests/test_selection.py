@@ -316,6 +316,37 @@ def test_last_token_hidden_states_keep_order_and_train_mode(tokenizer) -> None:
     assert empty.shape == (0, 3 * 32)
 
 
+def test_lora_is_folded_for_the_pass_and_the_base_restored_bit_for_bit(tokenizer) -> None:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        _tiny_llama(tokenizer.vocab_size), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B != 0, so folding changes the outputs
+            torch.nn.init.normal_(param, std=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merged = copy.deepcopy(model).merge_and_unload()
+    features = last_token_hidden_states(model, tokenizer, TEXTS, batch_size=2, progress=False)
+    np.testing.assert_allclose(
+        features, last_token_hidden_states(merged, tokenizer, TEXTS, progress=False), atol=1e-5
+    )
+    with model.disable_adapter():
+        plain = last_token_hidden_states(model, tokenizer, TEXTS, progress=False)
+    assert not np.allclose(features, plain, atol=1e-3)  # the adapter did act
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name  # exact, not merely close
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    # the unfolded forward (peft's own) still gives the same features afterwards
+    with torch.no_grad():
+        ids = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
+        model.eval()
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+    np.testing.assert_allclose(features[0, -32:], hidden.numpy(), atol=1e-5)
+
+
 def test_last_token_hidden_states_on_4bit_model(tokenizer, tmp_path: Path) -> None:
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
