@@ -4,7 +4,10 @@ trained, and the wall time of selection and of training.
     python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10   # ~25 min, 2 quiet cores
     python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10 --model tiny --quick
 
-Defaults: SmolLM2-135M-Instruct, 10 clients x 40 rows, 2 rounds, 24 held-out rows, 32 new tokens.
+Defaults: SmolLM2-135M-Instruct, 10 clients x 40 rows, 2 rounds, 24 held-out rows, 32 new tokens,
+evaluated zero-shot as in the paper: every row of one category (``--zero-shot``, default
+summarization, the reference code's Dolly task 7) leaves the clients' data, and the held-out rows
+are drawn from that unseen category.
 
 Four federations on the same clients, rounds and seed, one after the other:
 
