@@ -28,6 +28,14 @@ TINY_RUN = [
 ]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, for fixtures that report on failure."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
 def flower_identity():
     """Flower's runtime sets the task identity before apps build messages; do the same."""

@@ -6,6 +6,7 @@ killed in the middle of a round. The last test stops it and checks nothing is le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -13,10 +14,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from test_deploy_infra import processes_with_home_under
 
 from fedinstruct.deploy import CONNECTION, LocalDeployment, netns_unavailable_reason
+from fedinstruct.deploy.process import living
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
@@ -65,6 +68,22 @@ def deployment(tmp_path_factory):
         yield dep
 
 
+@pytest.fixture(autouse=True)
+def report_processes_on_failure(request, deployment):
+    """A failed test prints which components are alive and the end of every log."""
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is None or not report.failed:
+        return
+    for proc in deployment._processes():
+        with contextlib.suppress(psutil.Error):
+            spawned = ", ".join(f"{p.pid} {p.name()}" for p in living(proc.tracked.values()))
+            print(f"{proc.name}: {'alive' if proc.alive() else 'exited'}; running: {spawned}")
+    for path in sorted(deployment.workdir.glob("*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-25:]
+        print(f"----- {path.name} (last {len(tail)} lines)", *tail, sep="\n")
+
+
 def test_fedit_run_on_the_deployment(deployment, tmp_path):
     assert deployment.network is not None
     assert deployment.network.kind == ("loopback" if netns_unavailable_reason() else "netns")
@@ -110,8 +129,9 @@ def test_resume_after_the_server_was_stopped(deployment, tmp_path):
     done = json.loads(checkpoint.read_text())["round"]
     assert done == 2, f"stopped after round {done}, not within round 3"
 
-    result = deployment.run(timeout=400, run_config=config(folder, 4, "eval.every=0",
-                                                           resume=True))
+    result = deployment.run(timeout=400, run_config=config(
+        folder, 4, "eval.every=0", "federation.round_timeout=120", "federation.min_replies=2",
+        resume=True))
     assert result.ok, result.logs[-3000:]
     assert f"Resuming {folder} after round 2" in result.logs
     assert "round 3/4" in result.logs and "round 1/4" not in result.logs
@@ -151,3 +171,4 @@ def test_stopping_leaves_no_process_or_namespace_behind(deployment):
     assert processes_with_home_under(deployment.workdir) == []
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert getattr(deployment.network, "tag", "absent") not in namespaces
+
