@@ -1,7 +1,9 @@
 """FedBiOT against FedIT: client memory and step time, bytes on the wire, AdapFu / AdapEmu
 quality, and the server's alignment cost.
 
-    python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10   # ~15 min, 2 cores
+    python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10   # ~27 min, 2 cores
+    python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10 --pre-align-steps 200 \
+        --public-samples 512 --align-steps 5   # the README's run, ~39 min
     python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10 --quick   # tiny model
 
 Three federations on the same clients, rounds and seed: FedIT, FedBiOT (K=2 adapter layers,
