@@ -6,7 +6,6 @@ killed in the middle of a round. The last test stops it and checks nothing is le
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -14,12 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from test_deploy_infra import processes_with_home_under
 
 from fedinstruct.deploy import CONNECTION, LocalDeployment, netns_unavailable_reason
-from fedinstruct.deploy.process import living
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
@@ -75,13 +72,7 @@ def report_processes_on_failure(request, deployment):
     report = getattr(request.node, "report_call", None)
     if report is None or not report.failed:
         return
-    for proc in deployment._processes():
-        with contextlib.suppress(psutil.Error):
-            spawned = ", ".join(f"{p.pid} {p.name()}" for p in living(proc.tracked.values()))
-            print(f"{proc.name}: {'alive' if proc.alive() else 'exited'}; running: {spawned}")
-    for path in sorted(deployment.workdir.glob("*.log")):
-        tail = path.read_text(errors="replace").splitlines()[-25:]
-        print(f"----- {path.name} (last {len(tail)} lines)", *tail, sep="\n")
+    print(deployment.status_report())
 
 
 def test_fedit_run_on_the_deployment(deployment, tmp_path):
@@ -171,4 +162,3 @@ def test_stopping_leaves_no_process_or_namespace_behind(deployment):
     assert processes_with_home_under(deployment.workdir) == []
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert getattr(deployment.network, "tag", "absent") not in namespaces
-

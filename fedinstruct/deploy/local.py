@@ -226,6 +226,15 @@ class LocalDeployment:
                 tracked.setdefault(proc.pid, proc)
         return living(tracked.values())
 
+    def status_report(self, log_lines: int = 25) -> str:
+        """Which components are alive, what they spawned, and the end of every log."""
+        lines = [f"{proc.name}: {'alive' if proc.alive() else 'exited'}; running: "
+                 f"{describe(living(proc.tracked.values()))}" for proc in self._processes()]
+        for path in sorted(self.workdir.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-log_lines:]
+            lines += [f"----- {path.name} (last {len(tail)} lines)", *tail]
+        return "\n".join(lines)
+
     def _processes(self) -> list[ManagedProcess]:
         """Every component started: run streams, nodes, SuperLink, warm servers."""
         found = [*self._streams, self.superlink, self.superlink_warm,
