@@ -28,6 +28,7 @@ from fedinstruct.selection import (
 log = logging.getLogger(__name__)
 
 SELECTED_KEY = "selected-clusters"  # train config: this node's winning local cluster ids
+RANDOM_COUNTS_KEY = "random-counts"  # train config: rows to draw, indexed by partition id
 STATE_KEY = "fedhds-clustering"  # context.state: the last local clustering
 ROWS_KEY = "selected-rows"  # context.state: rows chosen at the last selection
 
@@ -54,10 +55,13 @@ def select_rows(
     selection_round = server_round - (server_round - 1) % selection.reselect_every
     if selection.name == "random":
         if reselect or _stored_rows(context) is None:
+            ratio, count = selection.random.ratio, selection.random.count
+            if RANDOM_COUNTS_KEY in config:  # match_run: this round's count of that run
+                ratio, count = None, _matched_count(config, client.partition_id, server_round)
             rows = random_indices(
                 n,
-                ratio=selection.random.ratio,
-                count=selection.random.count,
+                ratio=ratio,
+                count=count,
                 # seeded by the round of the selection, so a resumed run draws the same rows
                 seed=cfg.seed * 7919 + selection_round * 31 + client.partition_id,
             )
@@ -75,6 +79,16 @@ def select_rows(
             "FedHDS: no selection has reached this node yet (train before train.select)"
         )
     return rows
+
+
+def _matched_count(config: ConfigRecord, partition_id: int, server_round: int) -> int:
+    counts = [int(c) for c in config[RANDOM_COUNTS_KEY]]
+    if not 0 <= partition_id < len(counts) or counts[partition_id] < 0:
+        raise ValueError(
+            f"selection.random.match_run: partition {partition_id} did not train in round "
+            f"{server_round} of that run, so there is no count to match"
+        )
+    return counts[partition_id]
 
 
 def _features(

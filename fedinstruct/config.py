@@ -214,8 +214,13 @@ class FedHDSSettings:
 class RandomSettings:
     ratio: float | None = None
     count: int | None = 8
+    # a previous run's folder: each client draws, round by round, as many rows as it trained
+    # on there (the paper's Random baseline at FedHDS's count); ratio and count then unused
+    match_run: str | None = None
 
     def __post_init__(self) -> None:
+        if self.match_run is not None:
+            return
         if (self.ratio is None) == (self.count is None):
             raise ConfigError(
                 "set exactly one of selection.random.ratio and selection.random.count"

@@ -19,11 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedinstruct.client_selection import SELECTED_KEY
-from fedinstruct.config import RunConfig
+from fedinstruct.client_selection import RANDOM_COUNTS_KEY, SELECTED_KEY
+from fedinstruct.config import ConfigError, RunConfig
 from fedinstruct.messaging import exchange
 from fedinstruct.run_output import RunOutput
-from fedinstruct.selection import select_global
+from fedinstruct.selection import matched_counts, select_global
 from fedinstruct.server_model import AdapterServer
 from fedinstruct.wire import pack_message
 
@@ -42,6 +42,17 @@ def record_bytes(content: RecordDict) -> int:
 def _metric(msg: Message, key: str, default: float = 0.0) -> float:
     metrics = next(iter(msg.content.metric_records.values()), None)
     return float(metrics.get(key, default)) if metrics is not None else default
+
+
+def random_count_schedule(cfg: RunConfig) -> dict[int, list[int]] | None:
+    """`selection.random.match_run`: per round, the rows each partition trained on there."""
+    source = cfg.selection.random.match_run
+    if cfg.selection.name != "random" or source is None:
+        return None
+    try:
+        return matched_counts(source, cfg.num_rounds)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"selection.random.match_run: {err}") from err
 
 
 class FederatedRun:
@@ -64,6 +75,7 @@ class FederatedRun:
         # resumed run can replay it: clients keep their clustering only for one run)
         self._selection: tuple[int, ArrayRecord] | None = None
         self._replay_selection = False
+        self._random_counts = random_count_schedule(cfg)
 
     # -- public -----------------------------------------------------------------------------
     def run(self) -> ArrayRecord:
@@ -144,8 +156,11 @@ class FederatedRun:
             row["time_selection"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        train_config = ConfigRecord()
+        if self._random_counts is not None:
+            train_config[RANDOM_COUNTS_KEY] = self._random_counts[server_round]
         messages = list(
-            self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
+            self.strategy.configure_train(server_round, arrays, train_config, self.grid)
         )
         if selected is not None:
             messages = [

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from fedinstruct.config import ConfigError
+from fedinstruct.runner import random_count_schedule
 from fedinstruct.simulation import simulate
 
 
@@ -33,3 +35,28 @@ def test_fedhds_trains_on_fewer_samples_than_all(tiny_config, selection):
         assert set(row["train_samples_per_client"]) <= {"0", "1", "2"}
         # what went up during selection is tiny: centroids, not per-sample features
         assert row["bytes_up"] > 0
+
+
+def test_random_matches_another_runs_counts_client_by_client(tiny_config, tmp_path):
+    """The paper's Random at equal count: each client draws what it trained on in that run."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    counts = {1: {"0": 3, "1": 0, "2": 7}, 2: {"0": 1, "1": 4, "2": 2}}
+    (reference / "metrics.jsonl").write_text(
+        "".join(json.dumps({"round": r, "train_samples_per_client": c}) + "\n"
+                for r, c in counts.items())
+    )
+    cfg = tiny_config(
+        "selection=random",
+        f"selection.random.match_run={reference}",
+        "num_rounds=2",
+        "train.local_steps=2",
+        "dataset.samples_per_client=20",
+        "eval.every=0",
+    )
+    rows = _rows(simulate(cfg))
+    assert {r["round"]: r["train_samples_per_client"] for r in rows} == counts
+
+    bad = tiny_config("selection=random", f"selection.random.match_run={tmp_path / 'none'}")
+    with pytest.raises(ConfigError, match="selection.random.match_run"):
+        random_count_schedule(bad)

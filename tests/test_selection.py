@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from fedinstruct.selection import (
     cluster_client,
     coreset_indices,
     last_token_hidden_states,
+    matched_counts,
     privatize_centroids,
     random_indices,
     reduce_features,
@@ -424,3 +426,22 @@ def test_random_indices_edge_cases() -> None:
         random_indices(10, count=-1)
     with pytest.raises(ValueError, match="n must"):
         random_indices(-1, count=1)
+
+
+def test_matched_counts_follow_the_previous_run(tmp_path: Path) -> None:
+    rows = [
+        {"round": 0, "eval_loss": 1.0},
+        {"round": 1, "train_samples_per_client": {"0": 2, "2": 0, "1": 5}},
+        {"round": 2, "train_samples_per_client": {"1": 3}},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schedule = matched_counts(tmp_path, num_rounds=2)
+    assert schedule == {1: [2, 5, 0], 2: [-1, 3]}  # -1: partition 0 did not train in round 2
+    assert matched_counts(tmp_path / "metrics.jsonl", num_rounds=1) == {1: [2, 5, 0]}
+    with pytest.raises(ValueError, match=r"no train_samples_per_client for round 3.*\[1, 2\]"):
+        matched_counts(tmp_path, num_rounds=3)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        matched_counts(tmp_path / "missing", num_rounds=1)
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1,\n')
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        matched_counts(tmp_path, num_rounds=1)

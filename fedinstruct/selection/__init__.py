@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .baselines import all_indices, random_indices
+from .baselines import all_indices, matched_counts, random_indices
 from .fedhds import (
     LocalClustering,
     cluster_client,
@@ -35,6 +35,7 @@ __all__ = [
     "cluster_points",
     "coreset_indices",
     "empty_clustering",
+    "matched_counts",
     "privatize_centroids",
     "random_indices",
     "reduce_features",

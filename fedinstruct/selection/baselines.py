@@ -1,8 +1,11 @@
-"""Baseline data selections: every sample (``all``) and a uniform random subset (``random``)."""
+"""Baseline data selections: every sample (``all``) and a uniform random subset (``random``),
+of a fixed size or matched to another run's sample counts."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -41,3 +44,39 @@ def random_indices(
         return list(range(n))
     chosen = np.random.default_rng(seed).choice(n, size=size, replace=False)
     return sorted(int(i) for i in chosen)
+
+
+def matched_counts(run: str | Path, num_rounds: int) -> dict[int, list[int]]:
+    """Per round, the rows each partition trained on in a previous run (its ``metrics.jsonl``).
+
+    The paper's Random baseline draws as many samples as FedHDS selected: point ``run`` at a
+    FedHDS run and a random selection can match it client by client, round by round. The list
+    of a round is indexed by partition id; -1 marks a partition that did not train then.
+    """
+    path = Path(run).expanduser()
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: neither a run folder with metrics.jsonl nor that file")
+    per_round: dict[int, dict[str, int]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not JSON: {err}") from None
+        if "train_samples_per_client" in row:
+            per_round[int(row["round"])] = row["train_samples_per_client"]
+    schedule: dict[int, list[int]] = {}
+    for server_round in range(1, num_rounds + 1):
+        if server_round not in per_round:
+            raise ValueError(
+                f"{path} has no train_samples_per_client for round {server_round} "
+                f"(rounds there: {sorted(per_round) or 'none'})"
+            )
+        counts = {int(p): int(c) for p, c in per_round[server_round].items()}
+        row = [-1] * (max(counts, default=-1) + 1)
+        for partition, count in counts.items():
+            row[partition] = count
+        schedule[server_round] = row
+    return schedule
