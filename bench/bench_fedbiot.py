@@ -6,8 +6,11 @@ quality, and the server's alignment cost.
         --public-samples 512 --align-steps 5   # the README's run, ~39 min
     python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10 --quick   # tiny model
 
-Three federations on the same clients, rounds and seed: FedIT, FedBiOT (K=2 adapter layers,
-drop ratio 0.5) and FedBiOT without alignment (offsite-tuning). The defaults are the paper's
+Four federations on the same clients, rounds and seed: FedIT, FedBiOT (K=2 adapter layers,
+drop ratio 0.5), FedBiOT without alignment (offsite-tuning), and a capacity control: FedIT with
+LoRA on the adapter layers only (``model.lora.layers_to_transform``), i.e. FedBiOT's trainable
+set trained on the full model. FedBiOT's AdapFu against the control shows what the emulator
+costs; the control against FedIT shows what training only the last K layers costs. The defaults are the paper's
 setting scaled down to fit two CPU cores: SmolLM2-135M-Instruct (30 layers), 3 of the 10 Dolly
 clients, 3 rounds of 5 local steps (batch 4, max length 128), 16 of the 80 held-out rows with
 32 new tokens, and 10 alignment steps before round 1 then 3 per round (lr 1e-3) on 64 rows of a
@@ -30,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-VARIANTS = ("FedIT", "FedBiOT", "FedBiOT, no alignment")
+CONTROL = "FedIT, adapter layers only"
+VARIANTS = ("FedIT", "FedBiOT", "FedBiOT, no alignment", CONTROL)
 
 
 def overrides(
@@ -59,10 +63,14 @@ def overrides(
                    f"dataset.source={Path(args.data).resolve()}"]
     if variant == "FedIT":
         return [*common, "strategy=fedit"]
+    if variant == CONTROL:
+        layers = list(range(args.num_layers - args.adapter_layers, args.num_layers))
+        return [*common, "strategy=fedit",
+                f"model.lora.layers_to_transform=[{','.join(map(str, layers))}]"]
     fedbiot = [
         *common,
         "strategy=fedbiot",
-        "strategy.fedbiot.adapter_layers=2",
+        f"strategy.fedbiot.adapter_layers={args.adapter_layers}",
         "strategy.fedbiot.drop_ratio=0.5",
         f"strategy.fedbiot.pre_align_steps={args.pre_align_steps}",
         f"strategy.fedbiot.align_lr={args.align_lr}",
@@ -211,12 +219,13 @@ def report(args, results: dict[str, dict], probes: dict[str, dict]) -> None:
     for name in VARIANTS:
         r, p = results[name], probes[name]
         align = f"{r['align1']:.1f} / {r['align']:.1f}" if name == "FedBiOT" else "-"
-        emu = (f"{r['emu_loss']:.3f} | {r['emu_rouge']:.4f}" if name != "FedIT" else "- | -")
+        emu = (f"{r['emu_loss']:.3f} | {r['emu_rouge']:.4f}" if name.startswith("FedBiOT")
+               else "- | -")
         print(f"| {name} | {p['peak_rss_mb']:.0f} | {p['peak_rss_mb'] - p['baseline_rss_mb']:.0f} "
               f"| {p['model_mb']:.1f} | {p['trainable']:,} | {p['step_s']:.2f} | {r['down1']:.3f} "
               f"| {r['down']:.3f} | {r['up']:.3f} | {r['loss']:.3f} | {r['rouge']:.4f} | {emu} "
               f"| {align} |")
-    fedit, biot, off = (results[v] for v in VARIANTS)
+    fedit, biot, off, control = (results[v] for v in VARIANTS)
     pf, pb = probes["FedIT"], probes["FedBiOT"]
     mem = pb["peak_rss_mb"] / pf["peak_rss_mb"]
     over = {name: p["peak_rss_mb"] - p["baseline_rss_mb"] for name, p in probes.items()}
@@ -229,6 +238,10 @@ def report(args, results: dict[str, dict], probes: dict[str, dict]) -> None:
         print(f"Alignment loss in the last round: {biot['align_loss'][0]:.4f} -> "
               f"{biot['align_loss'][1]:.4f}; seconds per round (FedIT / FedBiOT / no alignment): "
               f"{fedit['round_s']:.1f} / {biot['round_s']:.1f} / {off['round_s']:.1f}.")
+    print(f"Capacity control ({CONTROL}: FedBiOT's trainable set on the full model): AdapFu "
+          f"Rouge-L {biot['rouge'] / max(control['rouge'], 1e-9):.2f}x the control's, loss "
+          f"{biot['loss']:.3f} vs {control['loss']:.3f}; the control reaches "
+          f"{control['rouge'] / max(fedit['rouge'], 1e-9):.2f}x FedIT's Rouge-L.")
     print("\n| target | measured | met |")
     print("|---|---|---|")
     vs_fedit = biot["rouge"] / max(fedit["rouge"], 1e-9)
@@ -261,6 +274,7 @@ def main() -> None:
     parser.add_argument("--public-samples", type=int, default=64)
     parser.add_argument("--public-partition", type=int, default=9)
     parser.add_argument("--probe-steps", type=int, default=5)
+    parser.add_argument("--adapter-layers", type=int, default=2, help="K")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -270,6 +284,7 @@ def main() -> None:
         return
     if not args.quick and not args.data:
         parser.error("--data is required (the Dolly 10-client split folder), or use --quick")
+    args.num_layers = 6 if args.quick else 30  # tiny LLaMA as configured above; SmolLM2-135M
 
     results, probes = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-fedbiot-") as tmp:
@@ -281,9 +296,9 @@ def main() -> None:
             print(f"\n### federation: {variant}", flush=True)
             results[variant] = summarize(federate(configs[variant]))
         emulator = emulator_folder(configs["FedBiOT"])
-        for variant in VARIANTS[:2]:  # without alignment, the client is FedBiOT's client
+        for variant in ("FedIT", "FedBiOT", CONTROL):  # no alignment: FedBiOT's client
             print(f"\n### client probe: {variant}", flush=True)
-            probes[variant] = probe(configs[variant], None if variant == "FedIT" else emulator,
+            probes[variant] = probe(configs[variant], emulator if variant == "FedBiOT" else None,
                                     args.probe_steps)
         probes[VARIANTS[2]] = probes["FedBiOT"]
     report(args, results, probes)

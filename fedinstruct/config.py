@@ -54,6 +54,7 @@ class LoraSettings:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    layers_to_transform: list[int] | None = None  # decoder layer indices with LoRA (null: all)
 
     def __post_init__(self) -> None:
         _positive("model.lora.r", self.r)
@@ -61,6 +62,13 @@ class LoraSettings:
         _fraction("model.lora.dropout", self.dropout)
         if not self.target_modules:
             raise ConfigError("model.lora.target_modules must name at least one module")
+        if self.layers_to_transform is not None and (
+            not self.layers_to_transform or min(self.layers_to_transform) < 0
+        ):
+            raise ConfigError(
+                "model.lora.layers_to_transform must list layer indices >= 0 (or be null), "
+                f"got {self.layers_to_transform}"
+            )
 
 
 @dataclass
@@ -324,6 +332,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _positive("num_rounds", self.num_rounds)
+        if self.strategy.name == "fedbiot" and self.model.lora.layers_to_transform is not None:
+            raise ConfigError(
+                "model.lora.layers_to_transform must be null with strategy=fedbiot: FedBiOT "
+                "puts LoRA on the adapter and emulator layers itself"
+            )
 
 
 ConfigStore.instance().store(name="schema", node=RunConfig)

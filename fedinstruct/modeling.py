@@ -19,6 +19,7 @@ import time
 import types
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -254,12 +255,20 @@ def load_base_model(
     return model, load_tokenizer(path, settings.gguf_file)
 
 
+def _layers_to_transform(layers: list[int] | None) -> dict[str, Any]:
+    """peft's layer restriction; LLaMA-family decoders keep their blocks under `layers`."""
+    if layers is None:
+        return {}
+    return {"layers_to_transform": list(layers), "layers_pattern": "layers"}
+
+
 def lora_config(settings: ModelSettings, base_model_name_or_path: str | None = None) -> LoraConfig:
     return LoraConfig(
         r=settings.lora.r,
         lora_alpha=settings.lora.alpha,
         lora_dropout=settings.lora.dropout,
         target_modules=list(settings.lora.target_modules),
+        **_layers_to_transform(settings.lora.layers_to_transform),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,

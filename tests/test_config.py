@@ -32,6 +32,9 @@ def test_default_config_composes():
         (["selection=random", "selection.random.ratio=0.5"], "exactly one of selection.random"),
         (["dataset=dolly", "dataset.partitioner=foo"], "dataset.partitioner"),
         (["dataset=custom"], "dataset.source"),
+        (["model.lora.layers_to_transform=[-1]"], "model.lora.layers_to_transform must"),
+        (["strategy=fedbiot", "model.lora.layers_to_transform=[1]"],
+         "layers_to_transform must be null with strategy=fedbiot"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

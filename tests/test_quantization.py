@@ -81,3 +81,14 @@ def test_prequantized_copy_matches_fresh_quantization(tiny_config):
         expected = fresh(input_ids=ids).logits
         torch.testing.assert_close(cached(input_ids=ids).logits, expected)
         torch.testing.assert_close(again(input_ids=ids).logits, expected)
+
+
+def test_lora_on_chosen_layers_only(tiny_config):
+    """model.lora.layers_to_transform: the server's initial adapter and a client's agree."""
+    cfg = tiny_config("model.lora.layers_to_transform=[1,3]")
+    state = modeling.initial_adapter_state(cfg.model, seed=0)
+    base, _ = modeling.load_base_model(cfg.model)
+    reference = get_peft_model_state_dict(modeling.add_lora(base, cfg.model))
+    assert set(state) == set(reference)
+    layers = {int(k.split("layers.")[1].split(".")[0]) for k in state}
+    assert layers == {1, 3}
