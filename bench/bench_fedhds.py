@@ -1,7 +1,7 @@
 """FedHDS against FedIT on all data and a random coreset: held-out Rouge-L and loss, samples
 trained, and the wall time of selection and of training.
 
-    python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10   # ~27 min, 2 quiet cores
+    python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10   # ~33 min, 2 quiet cores
     python bench/bench_fedhds.py --data ../shared/data/dolly15k-fedit10 --model tiny --quick
 
 Defaults: SmolLM2-135M-Instruct, 10 clients x 40 rows, 2 rounds, 24 held-out rows, 32 new tokens,
