@@ -1,20 +1,22 @@
 """FedBiOT against FedIT: client memory and step time, bytes on the wire, AdapFu / AdapEmu
 quality, and the server's alignment cost.
 
-    python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10   # ~27 min, 2 cores
+    python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10   # ~40 min, 2 cores
     python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10 --pre-align-steps 200 \
-        --public-samples 512 --align-steps 5   # the README's run, ~39 min
+        --public-samples 512 --align-steps 5   # the README's run, ~54 min
     python bench/bench_fedbiot.py --data ../shared/data/dolly15k-fedit10 --quick   # tiny model
 
 Four federations on the same clients, rounds and seed: FedIT, FedBiOT (K=2 adapter layers,
 drop ratio 0.5), FedBiOT without alignment (offsite-tuning), and a capacity control: FedIT with
 LoRA on the adapter layers only (``model.lora.layers_to_transform``), i.e. FedBiOT's trainable
 set trained on the full model. FedBiOT's AdapFu against the control shows what the emulator
-costs; the control against FedIT shows what training only the last K layers costs. The defaults are the paper's
-setting scaled down to fit two CPU cores: SmolLM2-135M-Instruct (30 layers), 3 of the 10 Dolly
-clients, 3 rounds of 5 local steps (batch 4, max length 128), 16 of the 80 held-out rows with
-32 new tokens, and 10 alignment steps before round 1 then 3 per round (lr 1e-3) on 64 rows of a
-Dolly partition that no participating client holds (the server's public data).
+costs; the control against FedIT shows what training only the last K layers costs.
+
+The defaults are the paper's setting scaled down to fit two CPU cores: SmolLM2-135M-Instruct (30
+layers), 3 of the 10 Dolly clients, 3 rounds of 5 local steps (batch 4, max length 128), 16 of
+the 80 held-out rows with 32 new tokens, and 10 alignment steps before round 1 then 3 per round
+(lr 1e-3) on 64 rows of a Dolly partition that no participating client holds (the server's
+public data).
 Client memory and time per local step are measured in a fresh subprocess per variant that
 builds the client model the way a client does and trains on a client's data.
 """
