@@ -75,6 +75,7 @@ class FederatedRun:
         # resumed run can replay it: clients keep their clustering only for one run)
         self._selection: tuple[int, ArrayRecord] | None = None
         self._replay_selection = False
+        # read now: a bad match_run fails before any model is loaded (models load lazily)
         self._random_counts = random_count_schedule(cfg)
 
     # -- public -----------------------------------------------------------------------------

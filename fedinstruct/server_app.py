@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedinstruct.config import RunConfig, config_from_run_config, to_container
 from fedinstruct.logs import setup_logging
 from fedinstruct.run_output import RunOutput
-from fedinstruct.runner import FederatedRun, random_count_schedule
+from fedinstruct.runner import FederatedRun
 from fedinstruct.strategies import build_strategy
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
         cfg.num_rounds,
         output.folder,
     )
-    random_count_schedule(cfg)  # a bad match_run fails here, before any model is loaded
     strategy, server = build_strategy(cfg)
     FederatedRun(cfg, grid, strategy, server, output).run()
     return output
