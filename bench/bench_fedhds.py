@@ -386,8 +386,7 @@ def main() -> None:
         info = write_scaled_split(args, data)
         isolated_feature_cache(Path(tmp) / "cache")
         results: dict[str, dict[str, Any]] = {}
-        folders = {v: runs / f"{i}-{v.split(',')[0]}{'-2' if v == FEDHDS_2 else ''}"
-                   for i, v in enumerate(VARIANTS)}
+        folders = {v: runs / f"{i}-{v.split(',')[0]}" for i, v in enumerate(VARIANTS)}
         for variant in VARIANTS:
             print(f"\n### {variant}", flush=True)
             rows, wall = federate(overrides(args, variant, data, folders[variant],
