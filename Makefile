@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test check lint bench
 
 setup: $(STAMP)
 
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: $(STAMP)
 	$(VENV)/bin/fedinstruct
 
+# Every test, the federations and deployments included (what .ci/run runs).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The quick loop: lint, then the unit tests only (no test marked slow), in about a minute.
+check: $(STAMP)
+	$(VENV)/bin/ruff check fedinstruct tests bench
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedinstruct tests bench

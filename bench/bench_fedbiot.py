@@ -108,17 +108,17 @@ def emulator_folder(cfg_overrides: list[str]) -> Path:
     """The emulator the FedBiOT clients cached (its plan and vocabulary match this model's)."""
     from transformers import AutoConfig
 
-    from fedinstruct import modeling
     from fedinstruct.config import compose_config
-    from fedinstruct.emulator import SplitPlan, load_split_plan
+    from fedinstruct.methods.fedbiot.split import SplitPlan, load_split_plan
+    from fedinstruct.model import cache_root, resolve_model_path
 
     cfg = compose_config(cfg_overrides)
-    config = AutoConfig.from_pretrained(modeling.resolve_model_path(cfg.model))
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model))
     s = cfg.strategy.fedbiot
     plan = SplitPlan.from_config(config.num_hidden_layers, s.adapter_layers, s.drop_ratio)
     matches = [
         folder
-        for folder in (modeling.cache_root() / "emulators").glob("*")
+        for folder in (cache_root() / "emulators").glob("*")
         if (folder / "config.json").is_file()
         and load_split_plan(folder) == plan
         and json.loads((folder / "config.json").read_text())["vocab_size"] == config.vocab_size
@@ -143,10 +143,10 @@ def client_probe(cfg_overrides: list[str], emulator: str | None, steps: int) -> 
     import torch
     from peft import get_peft_model_state_dict
 
-    from fedinstruct import modeling
+    from fedinstruct.client.local import LocalClient, shared_model
     from fedinstruct.config import compose_config
-    from fedinstruct.fedbiot_client import load_client_model
-    from fedinstruct.local_client import LocalClient, shared_model
+    from fedinstruct.methods.fedbiot.client import load_client_model
+    from fedinstruct.model import model_bytes
 
     torch.set_num_threads(1)  # what a client with one CPU gets in the simulation
     cfg = compose_config(cfg_overrides)
@@ -154,7 +154,7 @@ def client_probe(cfg_overrides: list[str], emulator: str | None, steps: int) -> 
     client = LocalClient.create(cfg, node)
     baseline = _status_mb("VmRSS")
     loaded = load_client_model(cfg, emulator) if emulator else shared_model(cfg)[0]
-    model_bytes = modeling.model_bytes(loaded.model)
+    weights = model_bytes(loaded.model)
     client.prepare(loaded.tokenizer)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(loaded.model).items()}
     eps = cfg.strategy.fedbiot.proximal_eps if emulator else 0.0
@@ -169,7 +169,7 @@ def client_probe(cfg_overrides: list[str], emulator: str | None, steps: int) -> 
     return {
         "peak_rss_mb": _status_mb("VmHWM"),
         "baseline_rss_mb": baseline,
-        "model_mb": model_bytes / 2**20,
+        "model_mb": weights / 2**20,
         "step_s": result.seconds / result.steps,
         "load_s": loaded.load_seconds,
         "trainable": trainable,

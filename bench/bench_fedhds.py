@@ -105,12 +105,12 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
     """
     from datasets import concatenate_datasets
 
-    from fedinstruct import modeling
     from fedinstruct.config import compose_config
     from fedinstruct.data import load_prepartitioned, load_prepartitioned_test
+    from fedinstruct.model import load_tokenizer, resolve_model_path
 
     cfg = compose_config([f"model={args.model}"])
-    tokenizer = modeling.load_tokenizer(modeling.resolve_model_path(cfg.model))
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model))
     target.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"clients": [], "short_clients": []}
     unseen = []
@@ -144,9 +144,9 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
 
 def isolated_feature_cache(root: Path) -> None:
     """A fresh cache root that shares converted models but starts with no cached features."""
-    from fedinstruct import modeling
+    from fedinstruct.model import cache_root
 
-    real = modeling.cache_root().expanduser().resolve()
+    real = cache_root().expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     for name in ("models", "quantized"):
         (real / name).mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, folder: Path,
 def federate(run_overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
     """Run one federation in this process; its metrics rows and its wall time."""
     from fedinstruct.config import compose_config
-    from fedinstruct.run_output import RunOutput
+    from fedinstruct.server.output import RunOutput
     from fedinstruct.simulation import simulate
 
     cfg = compose_config(run_overrides)

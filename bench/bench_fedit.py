@@ -29,10 +29,14 @@ def _client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, f
     """In this (fresh) process: load the client model, time our loop and a bare peft loop."""
     import torch
 
-    from fedinstruct import modeling
+    from fedinstruct.client.training import sample_order, train_lora
     from fedinstruct.config import compose_config
     from fedinstruct.data import make_synthetic_dataset, pad_batch, tokenize_dataset
-    from fedinstruct.training import sample_order, train_lora
+    from fedinstruct.model import (
+        add_lora,
+        load_base_model,
+        model_bytes,
+    )
 
     cfg = compose_config(
         [
@@ -43,9 +47,9 @@ def _client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, f
         ]
     )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    base, tokenizer = modeling.load_base_model(cfg.model)
-    model_bytes = modeling.model_bytes(base)
-    model = modeling.add_lora(base, cfg.model)
+    base, tokenizer = load_base_model(cfg.model)
+    model_bytes = model_bytes(base)
+    model = add_lora(base, cfg.model)
     examples, _ = tokenize_dataset(
         make_synthetic_dataset(64, seed=5), tokenizer, max_length=cfg.train.max_length
     )
@@ -136,11 +140,11 @@ def main() -> None:
         print(json.dumps(_client_probe(args.probe, args.steps, args.batch_size)))
         return
 
-    from fedinstruct import modeling
     from fedinstruct.config import compose_config
+    from fedinstruct.model import adapter_bytes, initial_adapter_state
 
     cfg = compose_config(MODEL)
-    adapter = modeling.adapter_bytes(modeling.initial_adapter_state(cfg.model, 0))
+    adapter = adapter_bytes(initial_adapter_state(cfg.model, 0))
     with tempfile.TemporaryDirectory() as tmp:
         rows = simulation(args.rounds, args.clients, args.steps, Path(tmp) / "run")
     q4 = client_probe("4bit", args.steps, args.batch_size)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from fedinstruct.selection.fedhds import cluster_points, reduce_features, select_global
+from fedinstruct.methods.fedhds.clustering import cluster_points, reduce_features, select_global
 
 
 def clustered_features(n: int, dim: int, n_topics: int, seed: int) -> np.ndarray:

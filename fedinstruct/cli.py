@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from fedinstruct.config import CONF_DIR, ConfigError, to_run_config
 from fedinstruct.logs import setup_logging
-from fedinstruct.run_output import METRICS_FILE
+from fedinstruct.server.output import METRICS_FILE
 
 log = logging.getLogger("fedinstruct.cli")
 

@@ -1,8 +1,10 @@
 """Typed run configuration, and the bridge between Hydra's `conf/` tree and Flower's run_config.
 
-Hydra composes `conf/` against the dataclasses below (registered as the `schema` node), so an
-unknown key or a value of the wrong type fails at compose time, before any model is loaded.
-`OmegaConf.to_object` then builds the dataclasses, whose `__post_init__` checks value ranges.
+The dataclasses below are the one place defaults live. Hydra composes `conf/` against them
+(registered as the `schema` node): `conf/` only picks (group choices, and the values a group
+file changes, such as `model=tiny`'s name), so an unknown key or a value of the wrong type
+fails at compose time, before any model is loaded. `OmegaConf.to_object` then builds the
+dataclasses, whose `__post_init__` checks value ranges.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class DatasetSettings:
     source: str | None = None
     format: str = "auto"
     fields: FieldSettings = field(default_factory=FieldSettings)
-    partitioner: str = "pathological"
+    partitioner: str = "pathological"  # iid | dirichlet | pathological | prepartitioned
     label_column: str | None = "category"
     alpha: float = 0.5
     shards_per_partition: int = 2
@@ -145,14 +147,16 @@ class FedBiOTSettings:
     align: bool = True
     pre_align_steps: int = 20
     align_steps: int = 5
-    align_lr: float = 1e-3
+    align_lr: float = 1e-3  # SmolLM2, 6 pre-alignment steps: loss -35% at 1e-3, -8% at 1e-4
     kl_weight: float = 1.0
     layerwise: bool = False
     proximal_eps: float = 0.01
     uniform_weights: bool = False
+    # alignment data: `synthetic` or a dataset file/folder/hub id, never the clients'
     public_dataset: str = "synthetic"
     public_samples: int = 64
-    emulator_path: str | None = None  # a prepared emulator folder clients load instead
+    # a prepared emulator folder on every client; null: the server sends it once, then cached
+    emulator_path: str | None = None
 
     def __post_init__(self) -> None:
         _positive("strategy.fedbiot.adapter_layers", self.adapter_layers)
@@ -173,7 +177,7 @@ class FedBiOTSettings:
 @dataclass
 class StrategySettings:
     name: str = "fedit"
-    server_optimizer: str = "none"
+    server_optimizer: str = "none"  # none | fedadam | fedyogi | fedavgm | fedprox (fedbiot: none)
     server_lr: float = 1e-2
     server_momentum: float = 0.9
     proximal_mu: float = 0.01
@@ -200,12 +204,14 @@ class StrategySettings:
 
 @dataclass
 class FedHDSSettings:
+    # global: last-token hidden states of every layer of the global model; null: the offline
+    # all-MiniLM-L6-v2 (FedHDS-Turbo); or any hub id / local folder of a sentence embedder
     feature_model: str | None = "global"
-    reducer: str = "tsne"
-    min_cluster_size: int = 2
+    reducer: str = "tsne"  # tsne | pca
+    min_cluster_size: int = 2  # 2 for Dolly, 5 for Natural Instructions
     server_min_cluster_size: int = 2
     keep_noise: bool = False
-    noise_sigma: float = 0.0
+    noise_sigma: float = 0.0  # > 0: tanh then Gaussian noise on the centroids sent up
     feature_batch_size: int = 8
     pca_dims: int | None = None  # PCA to this many dims before t-SNE (faster on big clients)
 
@@ -220,8 +226,8 @@ class FedHDSSettings:
 
 @dataclass
 class RandomSettings:
-    ratio: float | None = None
-    count: int | None = 8
+    ratio: float | None = None  # a fraction of the local data, or
+    count: int | None = 8  # a fixed number of samples per client, or
     # a previous run's folder: each client draws, round by round, as many rows as it trained
     # on there (the paper's Random baseline at FedHDS's count); ratio and count then unused
     match_run: str | None = None
@@ -272,15 +278,15 @@ class FederationSettings:
 
 @dataclass
 class TrainSettings:
-    local_steps: int = 10
-    local_epochs: float = 0.0
+    local_steps: int = 10  # optimizer steps per round (0: use local_epochs)
+    local_epochs: float = 0.0  # passes over the local (selected) data, when local_steps is 0
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 256
-    template: str = "alpaca"
+    template: str = "alpaca"  # alpaca | chat
     mask_prompt: bool = True
     gradient_checkpointing: bool = False
 
@@ -298,13 +304,15 @@ class TrainSettings:
 
 @dataclass
 class EvalSettings:
-    every: int = 1
-    max_samples: int = 40
-    max_new_tokens: int = 32
+    every: int = 1  # server-side evaluation every N rounds (0: off)
+    max_samples: int = 24  # held-out rows used for loss and Rouge-L (0: all)
+    max_new_tokens: int = 16  # the synthetic answers are short; FedIT/FedHDS use 128 on Dolly
     batch_size: int = 8
-    federated: bool = False
+    federated: bool = False  # also evaluate on each client's held-out share
     federated_fraction: float = 0.1
-    quantized_base: bool = False  # the server evaluates on the unquantized base by default
+    # The server needs no GPU: it evaluates adapters on the unquantized base (on CPU,
+    # bitsandbytes' NF4 inference path is about 3x slower than dense fp32).
+    quantized_base: bool = False
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_zero=True)
@@ -320,7 +328,7 @@ class RunConfig:
 
     seed: int = 42
     num_rounds: int = 3
-    output_dir: str = "outputs"
+    output_dir: str = "outputs"  # conf/config.yaml dates it; `fedinstruct` uses the job folder
     resume: bool = False
     model: ModelSettings = field(default_factory=ModelSettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)

@@ -1,4 +1,4 @@
-"""fedinstruct ServerApp: compose the config, build the strategy, run the rounds."""
+"""fedinstruct ServerApp: compose the config, choose the method, run the rounds."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedinstruct.config import RunConfig, config_from_run_config, to_container
 from fedinstruct.logs import setup_logging
-from fedinstruct.run_output import RunOutput
-from fedinstruct.runner import FederatedRun
-from fedinstruct.strategies import build_strategy
+from fedinstruct.methods import server_method
+from fedinstruct.server.loop import FederatedRun
+from fedinstruct.server.output import RunOutput
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
     """Run a whole federation on `grid` with a validated config."""
     setup_logging()
+    method = server_method(cfg)  # a config that cannot run fails here, before any output
     output = RunOutput(cfg.output_dir)
     output.save_config(to_container(cfg))
     log.info(
@@ -29,8 +30,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
         cfg.num_rounds,
         output.folder,
     )
-    strategy, server = build_strategy(cfg)
-    FederatedRun(cfg, grid, strategy, server, output).run()
+    FederatedRun(cfg, grid, method, output).run()
     return output
 
 

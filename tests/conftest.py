@@ -1,10 +1,15 @@
-"""Shared fixtures: offline hub, Flower's task identity for building messages, tiny configs."""
+"""Shared fixtures: offline hub, Flower's task identity for building messages, tiny configs,
+the repository root, and finding a deployment's processes.
+
+Tests take what they share from here as fixtures; no test module imports another.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +39,37 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
+
+
+def _processes_with_home_under(root: Path) -> list[psutil.Process]:
+    """Every live process whose FLWR_HOME lies under root (all deployment processes have one)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            home = proc.environ().get("FLWR_HOME", "")
+            if home.startswith(str(root)) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository (the Flower app's folder: pyproject.toml, conf/, scripts/, docker/)."""
+    return REPO
+
+
+@pytest.fixture
+def tiny_run() -> list[str]:
+    """Hydra overrides for a small, fast end-to-end run with model=tiny (a fresh list)."""
+    return list(TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def processes_with_home_under():
+    """`find(root)`: every live process whose FLWR_HOME lies under root, for leftover checks."""
+    return _processes_with_home_under
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedinstruct.config import compose_config
-from fedinstruct.strategies.fedit import build_fedit
-from fedinstruct.wire import pack
+from fedinstruct.methods.fedit import build_fedit
+from fedinstruct.protocol import layout_of, pack
+from fedinstruct.server.loop import read_updates
 
 KEYS = [
     "base_model.model.layers.0.self_attn.q_proj.lora_A.weight",
@@ -40,11 +41,13 @@ def _round(strategy, global_state, client_states, samples):
     messages = list(strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord(), grid))
     replies = []
     for msg, state, n in zip(messages, client_states, samples, strict=False):
-        content = RecordDict(  # packed, as a client sends it (fedinstruct.wire)
+        content = RecordDict(  # packed, as a client sends it (fedinstruct.protocol)
             {"arrays": pack(state), "metrics": MetricRecord({"num-examples": n})}
         )
         replies.append(Message(content, reply_to=msg))
-    return strategy.aggregate_train(1, replies)
+    # what the round loop does: read each reply through the protocol, then aggregate
+    updates = read_updates(replies, layout_of(global_state), "round 1")
+    return strategy.aggregate_train(1, [u.for_aggregation(u.weight) for u in updates])
 
 
 @pytest.fixture
@@ -90,14 +93,6 @@ def test_bad_update_never_reaches_the_global_adapter(strategy, defect, caplog):
     assert np.isfinite(arrays[KEYS[0]].numpy()).all()
 
 
-def test_uniform_weights_option(strategy):
-    strategy.uniform_weights = True
-    clients = [_state(1), _state(2)]
-    arrays, _ = _round(strategy, _state(0), clients, [1, 99])
-    expected = (clients[0][KEYS[0]] + clients[1][KEYS[0]]) / 2
-    torch.testing.assert_close(arrays.to_torch_state_dict()[KEYS[0]], expected)
-
-
 def test_server_optimizers_are_selectable(flower_identity):
     for name in ("fedadam", "fedyogi", "fedavgm", "fedprox"):
         cfg = compose_config(
@@ -116,7 +111,7 @@ def test_server_optimizers_are_selectable(flower_identity):
 
 
 def test_packed_adapter_round_trips_and_a_misfit_is_refused():
-    from fedinstruct.wire import PACKED, layout_of, unpack
+    from fedinstruct.protocol import PACKED, unpack
 
     rng = np.random.default_rng(0)
     state = {"b.lora_B.weight": rng.normal(size=(8, 2)).astype(np.float32),

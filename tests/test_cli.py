@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import TINY_RUN
+import pytest
 
 CLI = [sys.executable, "-m", "fedinstruct.cli"]
 
@@ -19,10 +19,11 @@ def _run(args, cwd):
     )
 
 
-def test_sweep_runs_each_job_and_summarises(tmp_path):
+@pytest.mark.slow
+def test_sweep_runs_each_job_and_summarises(tmp_path, tiny_run):
     args = [
         "-m",
-        *TINY_RUN,
+        *tiny_run,
         "num_rounds=1",
         "train.local_steps=2",
         "eval.max_new_tokens=4",

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
-import tomllib
+from omegaconf import OmegaConf
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from fedinstruct.config import (
+    CONF_DIR,
+    GROUPS,
     ConfigError,
+    RunConfig,
     compose_config,
     config_from_run_config,
     overrides_from_run_config,
+    to_container,
 )
-from tests.conftest import REPO
+
+# What only conf/config.yaml holds besides picked values.
+HYDRA_ONLY_KEYS = ("defaults", "hydra")
 
 
 def test_default_config_composes():
@@ -44,12 +58,12 @@ def test_bad_config_names_the_key(overrides, message):
 
 def test_bad_config_fails_before_any_model_is_loaded(monkeypatch):
     """Validation is pure config work: a model loader that explodes is never reached."""
-    import fedinstruct.modeling as modeling
+    import fedinstruct.model as model_module
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(modeling, "load_base_model", boom)
+    monkeypatch.setattr(model_module, "load_base_model", boom)
     with pytest.raises(ConfigError):
         config_from_run_config({"model": "tiny", "overrides": "train.batch_size=0"})
 
@@ -74,9 +88,9 @@ def test_run_config_bridge():
     assert cfg.eval.max_new_tokens == 12
 
 
-def test_every_pyproject_run_config_key_is_a_config_key():
+def test_every_pyproject_run_config_key_is_a_config_key(repo_root):
     """`flwr run --run-config` only accepts keys declared in pyproject; each must be valid."""
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((repo_root / "pyproject.toml").read_text())
     from flwr.common.config import flatten_dict
 
     keys = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
@@ -90,3 +104,74 @@ def test_every_pyproject_run_config_key_is_a_config_key():
         for part in key.split("."):
             assert hasattr(value, part), f"pyproject run-config key {key!r} is not in conf/"
             value = getattr(value, part)
+
+
+# --- defaults live in the dataclasses; conf/ only picks --------------------------------------
+
+
+def _conf_values(path: Path) -> dict[str, Any]:
+    """A conf/ file's values, placed where they land in the composed config."""
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if path.parent == CONF_DIR:
+        return {k: v for k, v in values.items() if k not in HYDRA_ONLY_KEYS}
+    return {path.parent.name: values}
+
+
+def _leaves(node: Any, prefix: tuple[str, ...] = ()):
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, (*prefix, key))
+    else:
+        yield prefix, node
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONF_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF_DIR))
+)
+def test_conf_files_only_pick_values_the_dataclasses_do_not_default_to(path):
+    defaults = to_container(RunConfig())
+    for keys, value in _leaves(_conf_values(path)):
+        name, default = ".".join(keys), defaults
+        for key in keys:
+            assert isinstance(default, dict) and key in default, f"{path}: {name} is no config key"
+            default = default[key]
+        assert value != default, (
+            f"{path.relative_to(CONF_DIR)} sets {name}={value!r}, the default in "
+            "fedinstruct/config.py: delete it there (defaults live in the dataclasses)"
+        )
+
+
+def _default_choices() -> dict[str, str]:
+    entries = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["defaults"]
+    return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items()}
+
+
+def test_default_choices_cover_every_group():
+    assert set(_default_choices()) == set(GROUPS)
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [None] + [f"{p.parent.name}={p.stem}" for p in sorted(CONF_DIR.glob("*/*.yaml"))],
+)
+def test_composed_config_is_the_dataclass_defaults_plus_the_chosen_files(choice):
+    choices = _default_choices()
+    if choice is not None:
+        group, option = choice.split("=")
+        choices[group] = option
+    files = [CONF_DIR / group / f"{option}.yaml" for group, option in choices.items()]
+    expected = OmegaConf.merge(
+        OmegaConf.structured(RunConfig),
+        *(_conf_values(path) for path in [*files, CONF_DIR / "config.yaml"]),
+    )
+    overrides = [] if choice is None else [choice]
+    for path in files:  # a mandatory value (`???`, e.g. dataset.source) needs an override
+        for keys, value in _leaves(_conf_values(path)):
+            if value == "???":
+                OmegaConf.update(expected, ".".join(keys), "data.json")
+                overrides.append(f"{'.'.join(keys)}=data.json")
+    composed = to_container(compose_config(overrides))
+    assert composed.pop("output_dir").startswith("outputs/")
+    expected = OmegaConf.to_container(expected, resolve=False)
+    expected.pop("output_dir")
+    assert composed == expected

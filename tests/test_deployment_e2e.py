@@ -1,25 +1,33 @@
 """fedinstruct itself on a real deployment: one SuperLink and two SuperNodes as separate
-processes in their own network namespaces (loopback addresses where namespaces are unavailable),
-TLS and SuperNode authentication on, the app submitted with `flwr run`. One deployment serves
-every run of this module: FedIT, FedHDS, a resume after the server was stopped, and a SuperNode
-killed in the middle of a round. The last test stops it and checks nothing is left running."""
+processes in their own network namespaces (loopback addresses where namespaces are unavailable,
+or with FEDINSTRUCT_TEST_ISOLATION=loopback), TLS and SuperNode authentication on, the app
+submitted with `flwr run`: FedIT, FedHDS, a resume after the server was stopped, a SuperNode
+killed in the middle of a round, and stopping the deployment.
+
+Starting a deployment takes a while, so the tests share one, but none relies on what another
+did to it: each gets it healthy (started, every node up, no run left going) and the FedIT test
+gets nodes whose warm app servers hold no model yet. Any test passes alone and in any order."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from test_deploy_infra import processes_with_home_under
 
 from fedinstruct.deploy import CONNECTION, LocalDeployment, netns_unavailable_reason
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a real deployment and federated runs
+
 log = logging.getLogger(__name__)
+
+ISOLATION = os.environ.get("FEDINSTRUCT_TEST_ISOLATION", "auto")  # auto, netns or loopback
 
 TINY = {
     "model": "tiny",
@@ -54,30 +62,108 @@ def wait_until(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def expected_network_kind() -> str:
+    if ISOLATION == "auto":
+        return "loopback" if netns_unavailable_reason() else "netns"
+    return ISOLATION
+
+
+def netns_names() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listed.splitlines() if line.strip()}
+
+
+def listening_on(addresses: set[str]) -> list[str]:
+    """host:port of every TCP socket listening on one of these host addresses."""
+    return sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.ip in addresses)
+
+
+class SharedDeployment:
+    """The module's deployment, handed to each test in a known state whatever ran before."""
+
+    def __init__(self, app_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.app_dir, self.tmp_path_factory = app_dir, tmp_path_factory
+        self.current: LocalDeployment | None = None
+        self.used = False  # a test has had it: its nodes' warm servers may hold a model
+
+    def healthy(self, cold: bool = False) -> LocalDeployment:
+        """Started (again, if a test stopped it), every node up, no run going; with cold=True
+        every node's warm app server restarted unless no test has used them yet."""
+        dep = self.current
+        if dep is None or dep.superlink is None or not dep.superlink.alive():
+            self.close()
+            if ISOLATION == "auto" and (reason := netns_unavailable_reason()):
+                log.warning("network namespaces unavailable (%s): loopback addresses", reason)
+            dep = LocalDeployment(self.app_dir, num_nodes=2, tls=True, auth=True,
+                                  isolation=ISOLATION,
+                                  workdir=self.tmp_path_factory.mktemp("deploy"))
+            dep.__enter__()
+            self.current, self.used = dep, False
+        self.stop_unfinished_runs(dep)
+        for name, handle in dep.nodes.items():
+            down = not handle.process.alive() or (handle.warm is not None
+                                                  and not handle.warm.alive())
+            if down or (cold and self.used):
+                log.info("restarting %s (%s)", name, "down" if down else "for cold caches")
+                dep.restart_node(name)
+        self.used = True
+        return dep
+
+    @staticmethod
+    def stop_unfinished_runs(dep: LocalDeployment) -> None:
+        """Stop any run a failed test left going; it would take the nodes' time."""
+        def unfinished() -> list[str]:
+            runs = dep.flwr_json("ls", CONNECTION)["runs"]
+            return [r["run-id"] for r in runs if not r["status"].startswith("finished")]
+
+        left = unfinished()
+        for run_id in left:
+            log.warning("stopping run %s left by an earlier test", run_id)
+            dep.flwr("stop", str(run_id), CONNECTION, check=False)
+        if left:
+            wait_until(lambda: not unfinished(), 60, "left-over runs to stop")
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.stop(check=False)
+            self.current = None
+
+
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    reason = netns_unavailable_reason()
-    if reason:
-        log.warning("network namespaces unavailable (%s): loopback addresses instead", reason)
-    dep = LocalDeployment(REPO, num_nodes=2, tls=True, auth=True,
-                          workdir=tmp_path_factory.mktemp("deploy"))
-    with dep:
-        yield dep
+def shared_deployment(repo_root, tmp_path_factory):
+    shared = SharedDeployment(repo_root, tmp_path_factory)
+    yield shared
+    shared.close()
 
 
-@pytest.fixture(autouse=True)
-def report_processes_on_failure(request, deployment):
+def _report_on_failure(request, dep: LocalDeployment) -> None:
     """A failed test prints which components are alive and the end of every log."""
-    yield
     report = getattr(request.node, "report_call", None)
-    if report is None or not report.failed:
-        return
-    print(deployment.status_report())
+    if report is not None and report.failed:
+        print(dep.status_report())
 
 
-def test_fedit_run_on_the_deployment(deployment, tmp_path):
+@pytest.fixture
+def deployment(shared_deployment, request):
+    """The shared deployment, healthy; the state a test leaves is repaired for the next one."""
+    dep = shared_deployment.healthy()
+    yield dep
+    _report_on_failure(request, dep)
+
+
+@pytest.fixture
+def cold_deployment(shared_deployment, request):
+    """The shared deployment with no model loaded in any node's warm app server yet."""
+    dep = shared_deployment.healthy(cold=True)
+    yield dep
+    _report_on_failure(request, dep)
+
+
+def test_fedit_run_on_the_deployment(cold_deployment, tmp_path):
+    deployment = cold_deployment
     assert deployment.network is not None
-    assert deployment.network.kind == ("loopback" if netns_unavailable_reason() else "netns")
+    assert deployment.network.kind == expected_network_kind()
     result = deployment.run(timeout=400, run_config=config(tmp_path / "fedit", 2))
     assert result.ok, result.logs[-3000:]
     metrics = rows(tmp_path / "fedit")
@@ -156,9 +242,30 @@ def test_a_node_killed_mid_round_is_left_out_then_rejoins(deployment, tmp_path):
     assert f"round 2 train: node {lost_id} lost" in result.logs
 
 
-def test_stopping_leaves_no_process_or_namespace_behind(deployment):
+def test_stopping_leaves_no_process_namespace_or_socket_behind(deployment,
+                                                               processes_with_home_under):
+    network = deployment.network
+    assert network is not None
+    if network.kind == "netns":
+        namespaces = {network.switch, *network.members.values()}  # switch, SuperLink, ctl, nodes
+        assert len(namespaces) >= 5 and namespaces <= netns_names()
+    else:
+        # one 127.x address per component (not 127.0.0.1, not 0.0.0.0), each listened on
+        addresses = dict(network.addresses)
+        assert len(set(addresses.values())) == len(addresses) >= 4  # SuperLink, ctl, 2 nodes
+        assert all(a.startswith("127.") and a != "127.0.0.1" for a in addresses.values())
+        superlink_host = deployment.superlink_address.rsplit(":", 1)[0]
+        assert superlink_host == addresses["superlink"]
+        listening = listening_on(set(addresses.values()))
+        assert deployment.superlink_address in listening, listening
+        for handle in deployment.nodes.values():  # each node's ClientApp API on its address
+            assert any(a.startswith(f"{addresses[handle.member]}:") for a in listening)
+
     deployment.stop()
     assert deployment.leftover_processes() == []
     assert processes_with_home_under(deployment.workdir) == []
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert getattr(deployment.network, "tag", "absent") not in namespaces
+    if network.kind == "netns":
+        assert namespaces.isdisjoint(netns_names())
+        assert not any(name.startswith(network.tag) for name in netns_names())
+    else:
+        assert listening_on(set(addresses.values())) == []

@@ -9,8 +9,9 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from fedinstruct.alignment import align, alignment_loss, evaluate_alignment
-from fedinstruct.emulator import (
+from fedinstruct.client.proximal import proximal_term, snapshot
+from fedinstruct.methods.fedbiot.alignment import align, alignment_loss, evaluate_alignment
+from fedinstruct.methods.fedbiot.split import (
     SplitPlan,
     adapter_to_full_model_state,
     build_compressed_model,
@@ -26,7 +27,6 @@ from fedinstruct.emulator import (
     save_compressed_model,
     split_lora_state,
 )
-from fedinstruct.proximal import proximal_term, snapshot
 
 VOCAB = 128
 

@@ -8,27 +8,35 @@ import re
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from fedinstruct import modeling
 from fedinstruct.client_app import handle_select, handle_train
-from fedinstruct.client_selection import SELECTED_KEY
 from fedinstruct.config import ConfigError, compose_config
-from fedinstruct.emulator import split_lora_state
-from fedinstruct.emulator_package import (
-    EMULATOR_RECORD,
-    FINGERPRINT_KEY,
+from fedinstruct.methods import server_method
+from fedinstruct.methods.fedbiot.client import FedBiOTClient
+from fedinstruct.methods.fedbiot.package import (
     cache_folder,
     emulator_folder,
 )
-from fedinstruct.fedbiot_client import compressed_client_model
-from fedinstruct.run_output import RunOutput
-from fedinstruct.runner import SELECT_MESSAGE, FederatedRun
+from fedinstruct.methods.fedbiot.server import public_dataset
+from fedinstruct.methods.fedbiot.split import split_lora_state
+from fedinstruct.model import load_base_model
+from fedinstruct.protocol import (
+    EMULATOR_RECORD,
+    FEDBIOT_FINGERPRINT,
+    PACKED,
+    SELECT,
+    SELECTED_CLUSTERS,
+    Instruction,
+    layout_of,
+    read_instruction,
+    unpack,
+)
+from fedinstruct.server.loop import FederatedRun
+from fedinstruct.server.output import RunOutput
 from fedinstruct.simulation import simulate
-from fedinstruct.strategies.fedbiot import build_fedbiot, public_dataset
-from fedinstruct.wire import PACKED, layout_of, unpack
 
 LAYER = re.compile(r"layers\.(\d+)\.")
 # 6 layers, K=2, beta=0.5: emulator keeps full layers 0 and 3, adapter = layers 4 and 5.
@@ -78,7 +86,7 @@ class InProcessGrid:
         for msg in messages:
             msg_id = f"m{len(self.log)}"
             msg.metadata.__dict__["_message_id"] = msg_id  # what Flower's InMemoryGrid does
-            handler = handle_select if msg.metadata.message_type == SELECT_MESSAGE else handle_train
+            handler = handle_select if msg.metadata.message_type == SELECT else handle_train
             reply = handler(self.cfg, msg, self.contexts[msg.metadata.dst_node_id])
             self.log.append((msg, reply))
             self.replies[msg_id] = reply
@@ -97,20 +105,20 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
          "selection.fedhds.keep_noise=true", "num_rounds=1", "eval.every=0",
          "strategy.fedbiot.pre_align_steps=2"]
     )
-    strategy, server = build_fedbiot(cfg)
+    server = server_method(cfg)
     grid = InProcessGrid(cfg, num_nodes=3)
-    FederatedRun(cfg, grid, strategy, server, RunOutput(tmp_path)).run()
+    FederatedRun(cfg, grid, server, RunOutput(tmp_path)).run()
     plan = server.plan
     assert plan.num_compressed_layers == 4 < plan.num_layers == 6
 
     # FedHDS's selection exchange, then training; the emulator rides on the first message only
     kinds = [m.metadata.message_type for m, _ in grid.log]
-    assert kinds == [SELECT_MESSAGE] * 3 + ["train"] * 3
+    assert kinds == [SELECT] * 3 + ["train"] * 3
     first = {}
     for msg, _ in grid.log:
         first.setdefault(msg.metadata.dst_node_id, msg)
     assert len({id(m.content) for m, _ in grid.log}) == len(grid.log)  # one RecordDict each
-    loaded, fresh = compressed_client_model(cfg, grid.log[-1][0])
+    loaded, fresh = FedBiOTClient(cfg).model(read_instruction(grid.log[-1][0]))
     layout = layout_of(get_peft_model_state_dict(loaded.model))  # what a client unpacks against
     lora_keys = set(unpack(grid.log[0][0].content["arrays"], layout).keys())
     emulator_lora, adapter_lora = split_lora_state(dict.fromkeys(lora_keys), plan)
@@ -129,7 +137,7 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
         assert list(msg.content["arrays"].keys()) == [PACKED]  # one array on the wire
         assert set(unpack(msg.content["arrays"], layout).keys()) == lora_keys
         if msg.metadata.message_type == "train":
-            assert SELECTED_KEY in msg.content["config"]  # FedHDS's ids ride along
+            assert SELECTED_CLUSTERS in msg.content["config"]  # FedHDS's ids ride along
             assert set(reply.content.array_records) == {"arrays"}
             up = unpack(reply.content["arrays"], {k: layout[k] for k in adapter_lora})
             assert set(up.keys()) == set(adapter_lora)
@@ -150,7 +158,7 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
     assert [r["round"] for r in rows] == [1]
     assert rows[0]["local_clusters"] > 0 and rows[0]["train_samples"] > 0
     assert rows[0]["align_loss_after"] <= rows[0]["align_loss_before"]
-    assert cache_folder(str(first[100].content["config"][FINGERPRINT_KEY])).is_dir()
+    assert cache_folder(str(first[100].content["config"][FEDBIOT_FINGERPRINT])).is_dir()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +193,7 @@ def test_exported_adapter_loads_on_the_full_model(simulated_run):
     saved = load_file(str(adapter / "adapter_model.safetensors"))
     assert layers_of(saved) == {4, 5}
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained
-    base, _ = modeling.load_base_model(cfg.model, quantize=False)
+    base, _ = load_base_model(cfg.model, quantize=False)
     model = PeftModel.from_pretrained(base, str(adapter))
     loaded = get_peft_model_state_dict(model)
     assert set(loaded) == set(saved)
@@ -212,19 +220,20 @@ def test_fedbiot_config_is_checked(tmp_path):
 def test_a_client_without_the_emulator_says_what_to_do(tmp_path, flower_identity, monkeypatch):
     monkeypatch.setenv("FEDINSTRUCT_CACHE", str(tmp_path))
     cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
-    config = ConfigRecord({"server-round": 1, FINGERPRINT_KEY: "0123abcd"})
-    msg = Message(RecordDict({"config": config}), dst_node_id=5, message_type="train")
+    config = ConfigRecord({"server-round": 1, FEDBIOT_FINGERPRINT: "0123abcd"})
+    instruction = Instruction(1, ArrayRecord(), config, RecordDict({"config": config}))
     with pytest.raises(FileNotFoundError, match="emulator_path"):
-        compressed_client_model(cfg, msg)
+        FedBiOTClient(cfg).model(instruction)
 
 
 def test_a_prepared_emulator_path_replaces_the_one_time_download(tmp_path, flower_identity):
     folder = tmp_path / "emulator"
     cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}",
                           f"strategy.fedbiot.emulator_path={folder}"])
-    strategy, server = build_fedbiot(cfg)
+    server = server_method(cfg)
     arrays = server.initial_arrays()  # the server writes its emulator to the empty path
-    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(cfg, 3)))
+    messages = server.address(
+        server.strategy.configure_train(1, arrays, ConfigRecord(), InProcessGrid(cfg, 3)))
     assert all(set(m.content.array_records) == {"arrays"} for m in messages)
     assert emulator_folder(str(folder), messages[0].content) == folder
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()

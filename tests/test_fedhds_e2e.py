@@ -7,8 +7,10 @@ import json
 import pytest
 
 from fedinstruct.config import ConfigError
-from fedinstruct.runner import random_count_schedule
+from fedinstruct.methods.fedhds.server import random_count_schedule
 from fedinstruct.simulation import simulate
+
+pytestmark = pytest.mark.slow  # real Flower simulations
 
 
 def _rows(folder):

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
-from tests.conftest import REPO
+pytestmark = pytest.mark.slow  # `flwr run` of a whole federation
 
 
 def _free_port() -> int:
@@ -32,7 +33,7 @@ def _stop_superlinks_of(flwr_home: Path) -> None:
             proc.wait(timeout=30)
 
 
-def test_flwr_run_simulation(tmp_path):
+def test_flwr_run_simulation(tmp_path, repo_root):
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
@@ -55,7 +56,7 @@ def test_flwr_run_simulation(tmp_path):
     flwr = shutil.which("flwr", path=env["PATH"])
     try:
         result = subprocess.run(
-            [flwr, "run", str(REPO), "--run-config", run_config, "--stream"],
+            [flwr, "run", str(repo_root), "--run-config", run_config, "--stream"],
             env=env,
             capture_output=True,
             text=True,

@@ -1,73 +1,214 @@
-"""Prewarming: a finished task's hint, and the warm app server's model reaching a forked task."""
+"""Prewarming by the warm app server: forked ClientApp tasks leave hints, the server runs the
+hinted app's `prewarm` hook, and the next task is forked with what the hook loaded.
+
+The app under test is a tiny Flower app written to tmp_path: it knows nothing of the warm
+server (no hint of its own), it only exports a `prewarm(run_config, node_config)` function.
+"""
 
 from __future__ import annotations
 
-import subprocess
+import gc
+import importlib
+import json
+import os
+import re
 import sys
 import textwrap
 from pathlib import Path
 
-from fedinstruct.prewarm import HINT_ENV, leave_hint, take_hint
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
-REPO = Path(__file__).resolve().parents[1]
+from fedinstruct.deploy import LocalDeployment
+from fedinstruct.deploy.warm import WarmServer, app_location, leave_hints, take_hint, write_hint
+
+PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "warmapp"
+version = "1.0.0"
+description = "Reports whether its task was forked with a prewarmed process"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.41"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["warmapp"]
+
+[tool.flwr.app]
+publisher = "fedinstruct"
+
+[tool.flwr.app.components]
+serverapp = "warmapp.server:app"
+clientapp = "warmapp.client:app"
+
+[tool.flwr.app.config]
+record = ""
+wait-s = 60
+"""
+
+CLIENT = """
+import json
+import os
+import sys
+import types
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+CACHE = "_warmapp_cache"  # outside the app's package: the warm server keeps it for its children
+
+app = ClientApp()
 
 
-def test_a_task_leaves_a_hint_only_for_a_warm_server_that_asked(tmp_path, monkeypatch):
-    hint = tmp_path / "node.hint.json"
-    run_config, node_config = {"model": "tiny", "num_rounds": 2}, {"partition-id": 1}
-    monkeypatch.delenv(HINT_ENV, raising=False)
-    leave_hint("fedinstruct.client_app", REPO, run_config, node_config)
-    assert not hint.exists() and not list(tmp_path.iterdir())
-
-    monkeypatch.setenv(HINT_ENV, str(hint))
-    leave_hint("fedinstruct.client_app", REPO, run_config, node_config)
-    assert take_hint(hint) == {"module": "fedinstruct.client_app", "app_dir": str(REPO),
-                               "run_config": run_config, "node_config": node_config}
-    assert not hint.exists() and take_hint(hint) is None  # taken once
-    hint.write_text('{"module": ')  # a torn or foreign file is ignored, not trusted
-    assert take_hint(hint) is None
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cache = sys.modules.get(CACHE)
+    report = {"prewarmed-by": getattr(cache, "pid", 0), "pid": os.getpid()}
+    return Message(RecordDict({"report": MetricRecord(report)}), reply_to=msg)
 
 
-FORKED_TASK = """
-import os, sys, time
-import torch
-from fedinstruct.deploy.warm import drop_app_modules, single_threaded
-import fedinstruct.client_app as app
+@app.query("fail")
+def fail(msg: Message, context: Context) -> Message:
+    raise RuntimeError("this task fails")
 
-run_config = {"model": "tiny", "output_dir": sys.argv[1],
-              "overrides": "dataset.samples_per_client=8"}
-app.prewarm(run_config, {})                      # what the warm server does between tasks
-held = id(sys.modules["_fedinstruct_process_cache"].__dict__["base-models"])
-drop_app_modules(["fedinstruct.client_app"])
-assert not any(name.startswith("fedinstruct") for name in sys.modules)
-threads = single_threaded()
-pid = os.fork()
-if pid == 0:                                     # the next task: imports the app afresh
-    torch.set_num_threads(2)
-    from fedinstruct.client_app import run_config_of
-    from fedinstruct.local_client import shared_model
-    from fedinstruct.modeling import process_cache
 
-    class Context:
-        pass
+def prewarm(run_config, node_config):
+    cache = sys.modules.setdefault(CACHE, types.ModuleType(CACHE))
+    cache.pid = os.getpid()
+    with open(run_config["record"], "a") as record:
+        record.write(json.dumps({"pid": os.getpid(), "run_config": dict(run_config),
+                                 "node_config": dict(node_config)}) + "\\n")
+"""
 
-    context = Context()
-    context.run_config = run_config
-    loaded, fresh = shared_model(run_config_of(context))
-    ids = torch.arange(12).reshape(2, 6)
-    start = time.perf_counter()
-    loss = loaded.model(input_ids=ids, labels=ids).loss
-    loss.backward()                              # OpenMP with 2 threads after the fork
-    print("fresh", fresh, "same-cache", id(process_cache("base-models")) == held,
-          "threads", torch.get_num_threads(), "finite", bool(torch.isfinite(loss)), flush=True)
-    os._exit(0)
-_, status = os.waitpid(pid, 0)
-sys.exit(os.waitstatus_to_exitcode(status))
+SERVER = """
+import os
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + float(context.run_config["wait-s"])
+    node_ids = list(grid.get_node_ids())
+    while not node_ids and time.monotonic() < deadline:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    for round_ in (1, 2):
+        message = Message(RecordDict({"cfg": ConfigRecord({"round": round_})}),
+                          dst_node_id=node_ids[0], message_type="query")
+        (reply,) = grid.send_and_receive([message], timeout=60)
+        report = reply.content["report"]
+        print(f"ROUND {round_} prewarmed-by={int(report['prewarmed-by'])} "
+              f"pid={int(report['pid'])}", flush=True)
+        # the first task's hint makes the warm server prewarm before it forks the next one
+        while not os.path.exists(context.run_config["record"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node's warm server did not prewarm")
+            time.sleep(0.2)
 """
 
 
-def test_the_prewarmed_model_reaches_a_forked_task_that_reimports_the_app(tmp_path):
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(FORKED_TASK), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "fresh False same-cache True threads 2 finite True" in result.stdout
+def write_app(root: Path) -> Path:
+    (root / "warmapp").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    (root / "warmapp" / "__init__.py").write_text("")
+    (root / "warmapp" / "client.py").write_text(textwrap.dedent(CLIENT))
+    (root / "warmapp" / "server.py").write_text(textwrap.dedent(SERVER))
+    return root
+
+
+@pytest.fixture
+def warmapp(tmp_path, monkeypatch):
+    """The app's folder, importable here; ClientApp and sys.modules restored afterwards."""
+    root = write_app(tmp_path / "app")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(ClientApp, "__call__", ClientApp.__call__)  # undoes leave_hints
+    yield root
+    for name in [n for n in sys.modules if n.split(".")[0] in ("warmapp", "_warmapp_cache")]:
+        del sys.modules[name]
+    gc.unfreeze()  # the server's drop_app_modules freezes the garbage collector
+
+
+def query(message_type: str = "query") -> Message:
+    return Message(RecordDict(), dst_node_id=0, message_type=message_type)
+
+
+def test_clientapp_calls_leave_a_hint_only_after_a_handled_message(warmapp, tmp_path,
+                                                                  flower_identity):
+    app = importlib.import_module("warmapp.client").app
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config={"model": "tiny", "num-rounds": 2})
+    hint = tmp_path / "node.hint.json"
+    app(query(), context)
+    assert not hint.exists()  # no warm server asked for hints: the app leaves none itself
+
+    leave_hints(hint, ["not.imported", "warmapp.client"])
+    with pytest.raises(RuntimeError, match="this task fails"):
+        app(query("query.fail"), context)
+    assert not hint.exists()  # a failed task names nothing to prewarm
+    assert app(query(), context).content["report"]["pid"] == os.getpid()
+    assert take_hint(hint) == {"module": "warmapp.client", "app_dir": str(warmapp),
+                               "run_config": {"model": "tiny", "num-rounds": 2},
+                               "node_config": {"partition-id": 1}}
+    assert not hint.exists() and take_hint(hint) is None  # taken once
+
+
+def test_hints_name_the_app_as_imported_and_torn_ones_are_ignored(warmapp, tmp_path):
+    assert app_location(["warmapp.client"]) is None  # not imported (yet): nothing to name
+    importlib.import_module("warmapp.client")
+    assert app_location(["nope", "warmapp.client"]) == ("warmapp.client", warmapp)
+    assert app_location(["warmapp"]) == ("warmapp", warmapp)  # a package's __init__
+    hint = tmp_path / "node.hint.json"
+    for torn in ['{"module": ', '["warmapp.client"]', '{"module": "warmapp.client"}']:
+        hint.write_text(torn)  # a torn or foreign file is ignored, not trusted
+        assert take_hint(hint) is None
+
+
+def test_the_server_runs_the_hinted_apps_prewarm_hook_once_per_hint(warmapp, tmp_path):
+    record = tmp_path / "record.jsonl"
+    server = WarmServer(tmp_path / "node.sock", ["flwr-clientapp"], prewarm=True,
+                        apps=["warmapp.client"])
+    assert server.hint is not None
+    run_config, node_config = {"record": str(record)}, {"partition-id": 0}
+    write_hint(server.hint, "warmapp.client", warmapp, run_config, node_config)
+    server._prewarm()
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls == [{"pid": os.getpid(), "run_config": run_config, "node_config": node_config}]
+    assert "warmapp" not in sys.modules  # children import the app from their run's FAB
+    assert sys.modules["_warmapp_cache"].pid == os.getpid()  # what the hook loaded stays
+
+    write_hint(server.hint, "warmapp.client", warmapp, run_config, node_config)
+    server._prewarm()  # the same run again: already prewarmed
+    write_hint(server.hint, "os", warmapp, run_config, node_config)
+    server._prewarm()  # not an app this server was started for
+    assert len(record.read_text().splitlines()) == 1 and not server.hint.exists()
+
+
+@pytest.mark.slow
+def test_a_warm_node_prewarms_after_its_first_task_and_forks_the_next_from_it(tmp_path):
+    app, record = write_app(tmp_path / "app"), tmp_path / "record.jsonl"
+    with LocalDeployment(app, num_nodes=1, tls=False, auth=False, isolation="loopback",
+                         workdir=tmp_path / "deploy", run_config={"record": str(record)},
+                         warm=True) as dep:
+        result = dep.run(timeout=180)
+        warm = dep.nodes["node-0"].warm
+        assert warm is not None
+        warm_log = warm.log_text()
+    assert result.ok, result.logs
+    rounds = {int(r): (int(by), int(pid)) for r, by, pid in
+              re.findall(r"ROUND (\d) prewarmed-by=(\d+) pid=(\d+)", result.logs)}
+    assert rounds[1][0] == 0, result.logs  # the first task started cold
+    assert rounds[2][0] == warm.pid != rounds[2][1], result.logs  # forked after the prewarm
+    (call,) = [json.loads(line) for line in record.read_text().splitlines()]  # once per run
+    assert call["pid"] == warm.pid  # the hook ran in the warm server, between the two tasks
+    assert call["run_config"]["record"] == str(record)
+    assert call["node_config"]["partition-id"] == 0
+    assert "prewarmed warmapp.client" in warm_log, warm_log[-3000:]

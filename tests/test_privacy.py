@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedinstruct import modeling
 from fedinstruct.client_app import handle_select, handle_train
-from fedinstruct.wire import layout_of, unpack
+from fedinstruct.model import initial_adapter_state
+from fedinstruct.protocol import layout_of, pack, unpack
 
 
 def _context(partition_id: int = 0) -> Context:
@@ -26,7 +26,7 @@ def _context(partition_id: int = 0) -> Context:
 
 def _message(state, message_type: str = "train") -> Message:
     content = RecordDict(
-        {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}
+        {"arrays": pack(state), "config": ConfigRecord({"server-round": 1})}
     )
     return Message(content, dst_node_id=7, message_type=message_type)
 
@@ -40,7 +40,7 @@ def _assert_only_numbers(content: RecordDict) -> None:
 
 def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_identity):
     cfg = tiny_config("train.local_steps=1")
-    state = modeling.initial_adapter_state(cfg.model, cfg.seed)
+    state = initial_adapter_state(cfg.model, cfg.seed)
     msg = _message(state)
     reply = handle_train(cfg, msg, _context())
     content = reply.content
@@ -60,7 +60,7 @@ def test_train_reply_holds_only_lora_tensors_and_numbers(tiny_config, flower_ide
 
 def test_select_reply_holds_only_centroids_and_integer_ids(tiny_config, flower_identity):
     cfg = tiny_config("selection=fedhds", "selection.fedhds.reducer=pca")
-    msg = _message(modeling.initial_adapter_state(cfg.model, cfg.seed), "train.select")
+    msg = _message(initial_adapter_state(cfg.model, cfg.seed), "train.select")
     reply = handle_select(cfg, msg, _context())
     content = reply.content
     _assert_only_numbers(content)
@@ -78,7 +78,7 @@ def test_select_reply_holds_only_centroids_and_integer_ids(tiny_config, flower_i
 def test_no_token_ids_in_any_reply(tiny_config, flower_identity, selection):
     """No integer array at all comes back from training, so no token id can."""
     cfg = tiny_config(f"selection={selection}", "train.local_steps=1")
-    state = modeling.initial_adapter_state(cfg.model, cfg.seed)
+    state = initial_adapter_state(cfg.model, cfg.seed)
     msg = _message(state)
     reply = handle_train(cfg, msg, _context())
     for record in reply.content.array_records.values():

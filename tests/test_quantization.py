@@ -6,21 +6,30 @@ import bitsandbytes as bnb
 import torch
 from peft import get_peft_model_state_dict
 
-from fedinstruct import modeling
+from fedinstruct.client.training import train_lora
 from fedinstruct.data import make_synthetic_dataset, tokenize_dataset
-from fedinstruct.training import train_lora
+from fedinstruct.model import (
+    add_lora,
+    compute_dtype,
+    device,
+    initial_adapter_state,
+    load_base_model,
+    prequantized_folder,
+    quantization_config,
+    resolve_model_path,
+)
 
 
 def test_4bit_base_is_nf4_and_lora_trains(tiny_config):
     cfg = tiny_config("train.local_steps=6", "train.lr=1e-2")
-    base, tokenizer = modeling.load_base_model(cfg.model)
+    base, tokenizer = load_base_model(cfg.model)
     linear4 = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4, "no bitsandbytes Linear4bit layer in the 4-bit model"
     assert all(m.weight.quant_state.quant_type == "nf4" for m in linear4)
     assert all(m.weight.quant_state.nested for m in linear4), "double quantization is off"
     assert not any(p.requires_grad for p in base.parameters())
 
-    model = modeling.add_lora(base, cfg.model)
+    model = add_lora(base, cfg.model)
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     examples, _ = tokenize_dataset(make_synthetic_dataset(16, seed=1), tokenizer, max_length=96)
     result = train_lora(
@@ -35,8 +44,8 @@ def test_4bit_base_is_nf4_and_lora_trains(tiny_config):
 def test_quantized_model_is_smaller_than_unquantized(tiny_config):
     cfg4 = tiny_config()
     cfg_none = tiny_config("model.quantization=none")
-    quantized, _ = modeling.load_base_model(cfg4.model)
-    full, _ = modeling.load_base_model(cfg_none.model)
+    quantized, _ = load_base_model(cfg4.model)
+    full, _ = load_base_model(cfg_none.model)
     linear_bytes = lambda m: sum(  # noqa: E731
         p.numel() * p.element_size() for n, p in m.named_parameters() if "proj" in n
     )
@@ -46,9 +55,9 @@ def test_quantized_model_is_smaller_than_unquantized(tiny_config):
 def test_initial_adapter_needs_no_weights(tiny_config):
     """The server's initial adapter: LoRA shapes of the model, B zero, from the config alone."""
     cfg = tiny_config()
-    state = modeling.initial_adapter_state(cfg.model, seed=3)
-    base, _ = modeling.load_base_model(cfg.model)
-    reference = get_peft_model_state_dict(modeling.add_lora(base, cfg.model))
+    state = initial_adapter_state(cfg.model, seed=3)
+    base, _ = load_base_model(cfg.model)
+    reference = get_peft_model_state_dict(add_lora(base, cfg.model))
     assert set(state) == set(reference)
     for key, tensor in state.items():
         assert tensor.shape == reference[key].shape
@@ -58,7 +67,7 @@ def test_initial_adapter_needs_no_weights(tiny_config):
             assert tensor.abs().sum() > 0
     assert torch.equal(
         state[next(iter(state))],
-        modeling.initial_adapter_state(cfg.model, seed=3)[next(iter(state))],
+        initial_adapter_state(cfg.model, seed=3)[next(iter(state))],
     )
 
 
@@ -67,14 +76,14 @@ def test_prequantized_copy_matches_fresh_quantization(tiny_config):
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config()
-    cached, tokenizer = modeling.load_base_model(cfg.model)  # first call may create the copy
-    again, _ = modeling.load_base_model(cfg.model)
-    assert modeling.prequantized_folder(cfg.model, modeling.resolve_model_path(cfg.model)).exists()
+    cached, tokenizer = load_base_model(cfg.model)  # first call may create the copy
+    again, _ = load_base_model(cfg.model)
+    assert prequantized_folder(cfg.model, resolve_model_path(cfg.model)).exists()
     fresh = AutoModelForCausalLM.from_pretrained(
-        modeling.resolve_model_path(cfg.model),
-        quantization_config=modeling.quantization_config(cfg.model),
-        dtype=modeling.compute_dtype(),
-        device_map={"": modeling.device()},
+        resolve_model_path(cfg.model),
+        quantization_config=quantization_config(cfg.model),
+        dtype=compute_dtype(),
+        device_map={"": device()},
     )
     ids = tokenizer("What is 2 + 2?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -86,9 +95,9 @@ def test_prequantized_copy_matches_fresh_quantization(tiny_config):
 def test_lora_on_chosen_layers_only(tiny_config):
     """model.lora.layers_to_transform: the server's initial adapter and a client's agree."""
     cfg = tiny_config("model.lora.layers_to_transform=[1,3]")
-    state = modeling.initial_adapter_state(cfg.model, seed=0)
-    base, _ = modeling.load_base_model(cfg.model)
-    reference = get_peft_model_state_dict(modeling.add_lora(base, cfg.model))
+    state = initial_adapter_state(cfg.model, seed=0)
+    base, _ = load_base_model(cfg.model)
+    reference = get_peft_model_state_dict(add_lora(base, cfg.model))
     assert set(state) == set(reference)
     layers = {int(k.split("layers.")[1].split(".")[0]) for k in state}
     assert layers == {1, 3}

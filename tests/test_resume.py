@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from fedinstruct.config import compose_config
 from fedinstruct.simulation import simulate
+
+pytestmark = pytest.mark.slow  # real Flower simulations
 
 SETTINGS = [
     *TINY_RUN,

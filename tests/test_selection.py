@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedinstruct.selection import (
+from fedinstruct.methods.fedhds import (
     LocalClustering,
     SentenceEmbedder,
     all_indices,

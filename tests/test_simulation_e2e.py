@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from fedinstruct import modeling
+from fedinstruct.model import initial_adapter_state, load_base_model
 from fedinstruct.simulation import simulate
+
+pytestmark = pytest.mark.slow  # a real Flower simulation
 
 
 def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
@@ -42,14 +45,14 @@ def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
     assert rows[2]["time_client_load"] == 0, "a client process reloaded its base model"
 
     adapter_bytes = sum(
-        t.numel() * 4 for t in modeling.initial_adapter_state(cfg.model, 0).values()
+        t.numel() * 4 for t in initial_adapter_state(cfg.model, 0).values()
     )
     # each tensor travels with a small header: a visible share only for the tiny adapter
     assert adapter_bytes * 3 <= rows[1]["bytes_up"] <= 1.10 * adapter_bytes * 3
 
     first = load_file(str(folder / "adapters" / "round_001" / "adapter_model.safetensors"))
     second = load_file(str(folder / "adapters" / "round_002" / "adapter_model.safetensors"))
-    initial = modeling.initial_adapter_state(cfg.model, cfg.seed)
+    initial = initial_adapter_state(cfg.model, cfg.seed)
     assert any(not torch.equal(first[k], initial[k]) for k in initial), (
         "round 1 did not change the adapter"
     )
@@ -57,7 +60,7 @@ def test_fedit_simulation_learns_and_leaves_its_outputs(tiny_config):
         "round 2 did not change the adapter"
     )
 
-    base, _ = modeling.load_base_model(cfg.model)
+    base, _ = load_base_model(cfg.model)
     peft_model = PeftModel.from_pretrained(base, str(folder / "adapters" / "final"))
     assert peft_model.peft_config["default"].r == cfg.model.lora.r
     assert (folder / "config.yaml").exists() and (folder / "metrics.png").stat().st_size > 1000

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from flwr.common.config import get_project_config
+
 SOCKET_ENV = "FEDINSTRUCT_WARM_SOCKET"
 READY = "warm app server ready"
 HEADER = struct.Struct("!I")  # length of the JSON request that follows
@@ -85,9 +87,11 @@ def write_launchers(folder: Path, commands: Iterable[str], python: str = sys.exe
 
 
 def server_command(command: str, socket_path: Path, shims: Path, app_dir: Path) -> list[str]:
-    """argv of a warm server for a Flower command, pre-importing the app module it runs."""
-    from flwr.common.config import get_project_config
+    """argv of a warm server for a Flower command, pre-importing the app module it runs.
 
+    The module is the app's component in app_dir/pyproject.toml (`tool.flwr.app.components`):
+    the server pre-imports its dependencies and, for flwr-clientapp, calls its `prewarm` hook.
+    """
     component = {"flwr-serverapp": "serverapp", "flwr-clientapp": "clientapp"}[command]
     app_ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"][component]
     return [sys.executable, "-m", "fedinstruct.deploy.warm", command, "--socket",

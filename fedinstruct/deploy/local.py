@@ -34,6 +34,7 @@ from fedinstruct.deploy.credentials import (
     register_nodes,
     write_connection,
 )
+from fedinstruct.deploy.launcher import READY, route_to_server, server_command
 from fedinstruct.deploy.network import Network, ensure_port_free, free_port, open_network
 from fedinstruct.deploy.process import (
     DeploymentError,
@@ -247,9 +248,6 @@ class LocalDeployment:
         """Start owner's warm app server (not waited for) and route `command` in env to it."""
         if not self.warm:
             return None
-        # imported here: `python -m fedinstruct.deploy.warm` imports this package first
-        from fedinstruct.deploy.warm import route_to_server, server_command
-
         assert self.network is not None
         self._sockets = self._sockets or tempfile.mkdtemp(prefix="fiw-")  # short paths
         socket_path, shims = Path(self._sockets) / f"{owner}.sock", self.workdir / owner / "bin"
@@ -261,8 +259,6 @@ class LocalDeployment:
         return process
 
     def _wait_warm(self, process: ManagedProcess, offset: int = 0) -> None:
-        from fedinstruct.deploy.warm import READY
-
         wait_for_log(process, READY, self.start_timeout, offset=offset)
 
     def _member_env(self, member: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fedinstruct.deploy.process import DeploymentError, ManagedProcess, stop_managed
-
-if TYPE_CHECKING:
-    from fedinstruct.deploy.local import LocalDeployment
 
 log = logging.getLogger("fedinstruct.deploy")
 
@@ -43,15 +41,27 @@ class RunResult:
         return self.status == "finished:completed"
 
 
-class RunHandle:
-    """A submitted run whose logs are being streamed; `wait()` gives its RunResult."""
+class FlwrCli(Protocol):
+    """The operator's `flwr` CLI of a deployment (e.g. `LocalDeployment`)."""
 
-    def __init__(self, deployment: LocalDeployment, run_id: int, stream: ManagedProcess) -> None:
-        self.deployment, self.run_id, self.stream = deployment, run_id, stream
+    def flwr(self, *args: str, check: bool = True, timeout: float = 120.0
+             ) -> subprocess.CompletedProcess[str]: ...
+
+    def flwr_json(self, *args: str) -> dict[str, Any]: ...
+
+
+class RunHandle:
+    """A submitted run whose logs are being streamed; `wait()` gives its RunResult.
+
+    `cli` runs `flwr` against the deployment the run was submitted to.
+    """
+
+    def __init__(self, cli: FlwrCli, run_id: int, stream: ManagedProcess) -> None:
+        self.cli, self.run_id, self.stream = cli, run_id, stream
         self.started = time.monotonic()
 
     def status(self) -> dict[str, Any]:
-        runs = self.deployment.flwr_json("ls", CONNECTION, "--run-id", str(self.run_id))["runs"]
+        runs = self.cli.flwr_json("ls", CONNECTION, "--run-id", str(self.run_id))["runs"]
         return runs[0]
 
     def wait(self, timeout: float = 600.0) -> RunResult:
@@ -64,7 +74,7 @@ class RunHandle:
             details = self.status()
         logs = ANSI.sub("", self.stream.log_text())
         if not details["status"].startswith("finished"):
-            self.deployment.flwr("stop", str(self.run_id), CONNECTION, check=False)
+            self.cli.flwr("stop", str(self.run_id), CONNECTION, check=False)
             stop_managed(self.stream)
             raise RunTimeout(f"run {self.run_id} not finished after {timeout:.0f} s "
                              f"(status {details['status']}); stopped it", logs)

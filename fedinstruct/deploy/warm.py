@@ -14,9 +14,12 @@ which forks a child that runs Flower's real entry point and reports its exit cod
 - A child is not reused for the next message: Flower's `flwr-clientapp` ends through
   `flwr_exit`, which runs process-wide exit handlers and arms a force-exit timer, so one
   process per task is what its code path supports.
-- Prewarm: a finished task leaves a hint (`fedinstruct.prewarm`); between messages the server
-  runs that app's `prewarm` hook, which loads the run's base model into the process cache, so
-  the next task starts with the model in memory (shared copy-on-write) instead of loading it.
+- Prewarm (flwr-clientapp): in each child the server wraps `ClientApp.__call__`, so that a
+  task that handled its message leaves a hint: which app module (one of `--app`, imported from
+  the run's FAB), run config and node config it ran. Between messages the server imports that
+  module from the FAB and calls its `prewarm(run_config, node_config)` hook (if it has one),
+  e.g. to load the run's base model, so the next task starts with it in memory (shared
+  copy-on-write) instead of loading it. The app itself knows nothing of the warm server.
 - The server runs math libraries single-threaded: OpenMP's thread pool does not survive a
   fork (a child forked after a multi-threaded op hangs in its first one). Each child gets its
   thread count back (OMP_NUM_THREADS, else the default) before it runs.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -44,9 +48,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from fedinstruct.deploy.launcher import (
     EXIT,
@@ -58,11 +66,11 @@ from fedinstruct.deploy.launcher import (
     server_command,
     write_launchers,
 )
-from fedinstruct.prewarm import HINT_ENV, take_hint
 
 log = logging.getLogger("fedinstruct.deploy")
 
-__all__ = ["READY", "SOCKET_ENV", "WarmServer", "main", "route_to_server", "server_command"]
+__all__ = ["READY", "SOCKET_ENV", "WarmServer", "leave_hints", "main", "route_to_server",
+           "server_command", "take_hint"]
 
 
 def entry_point(command: str):
@@ -135,7 +143,73 @@ def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def _run_child(request: dict, fds: list[int], threads: int, hint: Path | None) -> int:
+def app_location(app_modules: Sequence[str]) -> tuple[str, Path] | None:
+    """The first of app_modules this process imported, and the folder it was imported from.
+
+    In a child that is the run's FAB (Flower puts it first on sys.path and imports the app's
+    component from it), so a hint names the code the run submitted, not the server's copy.
+    """
+    for name in app_modules:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file:
+            path = Path(os.path.abspath(file))
+            depth = name.count(".") + (path.name == "__init__.py")
+            return name, path.parents[depth]
+    return None
+
+
+def write_hint(path: Path, module: str, app_dir: Path, run_config: Mapping[str, Any],
+               node_config: Mapping[str, Any]) -> None:
+    """Write a hint for the server at path, atomically (it never reads a half-written one)."""
+    hint = {"module": module, "app_dir": str(app_dir),
+            "run_config": dict(run_config), "node_config": dict(node_config)}
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(hint))
+    partial.replace(path)
+
+
+HINT_FIELDS = {"module": str, "app_dir": str, "run_config": dict, "node_config": dict}
+
+
+def take_hint(path: Path) -> dict[str, Any] | None:
+    """Read and remove the latest hint; None if there is none (or it is unreadable)."""
+    try:
+        hint = json.loads(path.read_text())
+        path.unlink()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(hint, dict) or any(
+            not isinstance(hint.get(name), kind) for name, kind in HINT_FIELDS.items()):
+        return None
+    return hint
+
+
+def leave_hints(path: Path, app_modules: Sequence[str]) -> None:
+    """Make every ClientApp of this process leave a hint at path after each handled message.
+
+    Called in a forked flwr-clientapp child before Flower's entry point runs. The hint names
+    the first of app_modules the task imported (None imported: no hint), with the message's
+    run config and node config. A task that failed leaves none; a hint that cannot be written
+    is logged and never fails the task.
+    """
+    call = ClientApp.__call__
+
+    @functools.wraps(call)
+    def call_and_hint(self: ClientApp, message: Message, context: Context) -> Message:
+        reply = call(self, message, context)
+        try:
+            found = app_location(app_modules)
+            if found is not None:
+                write_hint(path, *found, context.run_config, context.node_config)
+        except Exception:
+            log.warning("could not leave a prewarm hint at %s", path, exc_info=True)
+        return reply
+
+    ClientApp.__call__ = call_and_hint
+
+
+def _run_child(request: dict, fds: list[int], threads: int, hint: Path | None,
+               app_modules: Sequence[str] = ()) -> int:
     """In the forked child: become the requested Flower command; return its exit code."""
     for target, fd in zip(request["fds"], fds, strict=True):
         os.dup2(fd, target)
@@ -152,8 +226,8 @@ def _run_child(request: dict, fds: list[int], threads: int, hint: Path | None) -
     if "torch" in sys.modules:
         sys.modules["torch"].seed()
         sys.modules["torch"].set_num_threads(threads)
-    if hint is not None:
-        os.environ[HINT_ENV] = str(hint)
+    if hint is not None and request["command"] == "flwr-clientapp":
+        leave_hints(hint, app_modules)
     sys.argv = [request["command"], *request["argv"]]
     try:
         entry_point(request["command"])()
@@ -173,11 +247,14 @@ class WarmServer:
     """Accepts launcher requests on a Unix socket and forks a child for each (one thread)."""
 
     def __init__(self, socket_path: Path, commands: Sequence[str], *, threads: int = 1,
-                 prewarm: bool = False, parent: int | None = None) -> None:
+                 prewarm: bool = False, apps: Sequence[str] = (),
+                 parent: int | None = None) -> None:
         self.socket_path, self.commands = socket_path, set(commands)
+        self.apps = list(apps)  # app modules whose `prewarm` hook a hint may name
         self.parent = parent  # stop once this process (e.g. the SuperNode) is gone
         self.threads = threads  # each child's math-library thread count
-        self.hint = socket_path.with_suffix(".hint.json") if prewarm else None
+        # where the children's hints go (prewarm=True and flwr-clientapp served)
+        self.hint = socket_path.with_suffix(".hint.json") if prewarm and self.apps else None
         self.prewarmed = ""  # the hint last acted on
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
         self.orphans: set[int] = set()  # children whose launcher was killed (signalled)
@@ -247,7 +324,7 @@ class WarmServer:
                     other.close()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                code = _run_child(request, fds, self.threads, self.hint)
+                code = _run_child(request, fds, self.threads, self.hint, self.apps)
             finally:
                 with contextlib.suppress(OSError):
                     sys.stdout.flush()
@@ -267,7 +344,7 @@ class WarmServer:
             return
         hint = take_hint(self.hint)
         key = json.dumps(hint, sort_keys=True)
-        if hint is None or key == self.prewarmed:
+        if hint is None or key == self.prewarmed or hint.get("module") not in self.apps:
             return
         self.prewarmed = key
         start = time.perf_counter()
@@ -337,14 +414,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
     parser.add_argument("--app", action="append", default=[],
                         help="app module (e.g. fedinstruct.client_app): its dependencies are "
-                             "pre-imported, the app itself is imported by each child")
+                             "pre-imported, the app itself is imported by each child; for "
+                             "flwr-clientapp its `prewarm` hook runs between tasks")
     parser.add_argument("--preload", action="append", default=[],
                         help="further module to pre-import and keep")
     parser.add_argument("--shims", type=Path, help="also write the launchers into this folder")
     parser.add_argument("--exit-with-parent", action="store_true",
                         help="stop when the process that started the server exits")
     parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
-                        help="do not load a run's model between its tasks (flwr-clientapp)")
+                        help="do not run the app's `prewarm` hook between tasks "
+                             "(flwr-clientapp)")
     args = parser.parse_args(argv)
     parent = os.getppid()  # before the slow warm-up, in case it exits meanwhile
     handler = logging.StreamHandler(sys.stdout)
@@ -359,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warm_up(args.app, args.preload)
     threads = single_threaded()
     prewarm = args.prewarm and "flwr-clientapp" in args.commands
-    WarmServer(args.socket, args.commands, threads=threads, prewarm=prewarm,
+    WarmServer(args.socket, args.commands, threads=threads, prewarm=prewarm, apps=args.app,
                parent=parent if args.exit_with_parent else None).serve()
 
 

@@ -1,67 +1,28 @@
-"""A client's local work: its data, its cached model, training, selection and evaluation.
+"""A client's local work on its own partition: tokenized data, training and evaluation.
 
-One `LocalClient` per (run config, partition) lives for the whole process: the base model is
-loaded and quantized once, the data is tokenized once, and each message only swaps the adapter.
+One `LocalClient` per partition lives in the node's cache (`fedinstruct.client.cache`) for the
+whole process: the data is tokenized once, and each message only swaps the adapter.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
-from flwr.app import Message
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedTokenizerBase
 
-from fedinstruct import modeling
+from fedinstruct.client.proximal import proximal_term, snapshot
+from fedinstruct.client.training import TrainResult, train_lora
 from fedinstruct.config import RunConfig
 from fedinstruct.data import TokenizedExample, build_prompt, tokenize_dataset
-from fedinstruct.evaluation import response_loss
-from fedinstruct.run_data import client_dataset, local_file_dataset
-from fedinstruct.training import TrainResult, train_lora
+from fedinstruct.data.federated import client_dataset, local_file_dataset
+from fedinstruct.metrics import response_loss
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
-    load_seconds: float
-    # which LoRA tensors go back to the server (FedBiOT: the adapter's only)
-    upload: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-
-
-def client_model(cfg: RunConfig, msg: Message) -> tuple[LoadedModel, bool]:
-    """The model this client trains: the base LLM, or FedBiOT's emulator + adapter."""
-    if cfg.strategy.name == "fedbiot":
-        from fedinstruct.fedbiot_client import compressed_client_model
-
-        return compressed_client_model(cfg, msg)
-    return shared_model(cfg)
-
-
-def shared_model(cfg: RunConfig) -> tuple[LoadedModel, bool]:
-    """The process's base model with LoRA attached, loaded on first use only.
-
-    Returns the model and whether this call loaded it (False also when a warm app server
-    loaded it before forking this process).
-    """
-    models = modeling.process_cache("base-models")  # key -> (peft model, tokenizer, seconds)
-    key = repr(cfg.model)
-    fresh = key not in models
-    if fresh:
-        start = time.perf_counter()
-        base, tokenizer = modeling.load_base_model(cfg.model)
-        models[key] = (modeling.add_lora(base, cfg.model), tokenizer, time.perf_counter() - start)
-    model, tokenizer, seconds = models[key]
-    return LoadedModel(model, tokenizer, seconds), fresh
 
 
 @dataclass
@@ -143,8 +104,6 @@ class LocalClient:
         set_peft_model_state_dict(model, global_state)
         extra_loss = None
         if proximal_weight > 0:
-            from fedinstruct.proximal import proximal_term, snapshot
-
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
             reference = snapshot(trainable)
 
@@ -182,16 +141,3 @@ class LocalClient:
         )
         return loss, len(held_out)
 
-
-_CLIENTS: dict[tuple[str, str], LocalClient] = {}
-
-
-def local_client(cfg: RunConfig, node_config: dict[str, Any]) -> LocalClient:
-    key = (repr(cfg), repr(sorted(node_config.items())))
-    if key not in _CLIENTS:
-        _CLIENTS[key] = LocalClient.create(cfg, node_config)
-    return _CLIENTS[key]
-
-
-def as_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in state.items()}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedinstruct.emulator import SplitPlan, decoder_layers, lora_parameter_groups
+from fedinstruct.methods.fedbiot.split import SplitPlan, decoder_layers, lora_parameter_groups
 
 logger = logging.getLogger(__name__)
 

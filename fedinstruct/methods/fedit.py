@@ -1,12 +1,18 @@
 """FedIT: federated averaging over LoRA adapters (Zhang et al., ICASSP'24), optionally with one
-of Flower's server optimizers applied to the adapter."""
+of Flower's server optimizers applied to the adapter.
+
+FedIT's server and client halves are the defaults of `fedinstruct.methods.base`; what is FedIT's
+own is the choice of Flower strategy.
+"""
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedinstruct.config import RunConfig
-from fedinstruct.strategies.common import WEIGHT_KEY, AdapterAggregation
+from fedinstruct.methods.aggregation import AdapterAggregation
+from fedinstruct.methods.base import ServerMethod, ServerSelection
+from fedinstruct.protocol import WEIGHT
 
 
 class FedIT(AdapterAggregation, FedAvg):
@@ -38,11 +44,12 @@ def sampling_kwargs(cfg: RunConfig) -> dict[str, object]:
         "min_train_nodes": fed.min_train_nodes,
         "min_evaluate_nodes": fed.min_train_nodes if cfg.eval.federated else 0,
         "min_available_nodes": fed.min_available_nodes,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": WEIGHT,
     }
 
 
-def build_fedit(cfg: RunConfig) -> Strategy:
+def build_fedit(cfg: RunConfig) -> AdapterAggregation:
+    """The Flower strategy for `strategy.server_optimizer`, screening replies as it averages."""
     s = cfg.strategy
     kwargs = sampling_kwargs(cfg)
     if s.server_optimizer == "none":
@@ -58,4 +65,8 @@ def build_fedit(cfg: RunConfig) -> Strategy:
     else:
         strategy = FedITProx(**kwargs, proximal_mu=s.proximal_mu)
     strategy.reject_norm_ratio = s.reject_norm_ratio
-    return strategy  # type: ignore[return-value]
+    return strategy
+
+
+def build_server(cfg: RunConfig, selection: ServerSelection) -> ServerMethod:
+    return ServerMethod(cfg, build_fedit(cfg), selection)

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import Any
 
 from .baselines import all_indices, matched_counts, random_indices
-from .fedhds import (
+from .clustering import (
     LocalClustering,
     cluster_client,
     cluster_points,

@@ -17,16 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp.strategy import Strategy
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedinstruct import modeling
-from fedinstruct.alignment import align, evaluate_alignment
 from fedinstruct.config import ConfigError, RunConfig
 from fedinstruct.data import (
     load_instruction_dataset,
@@ -34,7 +30,10 @@ from fedinstruct.data import (
     pad_batch,
     tokenize_dataset,
 )
-from fedinstruct.emulator import (
+from fedinstruct.methods.base import ServerMethod, ServerSelection
+from fedinstruct.methods.fedbiot.alignment import align, evaluate_alignment
+from fedinstruct.methods.fedbiot.package import EmulatorPackage, read_fingerprint
+from fedinstruct.methods.fedbiot.split import (
     SplitPlan,
     adapter_to_full_model_state,
     build_compressed_model,
@@ -42,11 +41,9 @@ from fedinstruct.emulator import (
     fedbiot_lora_configs,
     split_lora_state,
 )
-from fedinstruct.emulator_package import MODEL_CONFIG_KEY, EmulatorPackage, read_fingerprint
-from fedinstruct.run_output import RunOutput
-from fedinstruct.server_model import AdapterServer, HeldOutSet
-from fedinstruct.strategies.common import AdapterAggregation
-from fedinstruct.strategies.fedit import sampling_kwargs
+from fedinstruct.methods.fedit import build_fedit
+from fedinstruct.model import adapter_bytes, load_base_model, resolve_model_path
+from fedinstruct.protocol import FEDBIOT_MODEL_CONFIG, Layout, TrainUpdate, with_config
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +85,13 @@ class _Models:
     package: EmulatorPackage
 
 
-class FedBiOTServer(AdapterServer):
+class FedBiOTServer(ServerMethod):
     """The server's FedBiOT work: alignment, merging, two-way evaluation, export."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: RunConfig, strategy: Strategy, selection: ServerSelection) -> None:
+        super().__init__(cfg, strategy, selection)
         self.settings = cfg.strategy.fedbiot
+        self._served: set[int] = set()  # nodes given the emulator by this server process
         self._models: _Models | None = None
         self._align_batches: tuple[list[Batch], list[Batch]] | None = None
         self._align_offset = 0
@@ -107,8 +105,8 @@ class FedBiOTServer(AdapterServer):
 
     def _load(self) -> _Models:
         start = time.perf_counter()
-        base, tokenizer = modeling.load_base_model(self.cfg.model, quantize=False)
-        self._base_path = modeling.resolve_model_path(self.cfg.model)
+        base, tokenizer = load_base_model(self.cfg.model, quantize=False)
+        self._base_path = resolve_model_path(self.cfg.model)
         s, lora = self.settings, self.cfg.model.lora
         plan = SplitPlan.from_config(
             len(decoder_layers(base)), adapter_layers=s.adapter_layers, drop_ratio=s.drop_ratio
@@ -123,13 +121,11 @@ class FedBiOTServer(AdapterServer):
         compressed = get_peft_model(compressed_base, compressed_lora)
         full = get_peft_model(base, full_lora)
         full.requires_grad_(False)  # the teacher: never trained here
-        self._held_out = HeldOutSet(self.cfg, tokenizer)
-        self._tokenizer = tokenizer
         log.info(
             "FedBiOT: full model %d layers; emulator keeps %s, adapter %s; emulator package "
             "%.1f MB (%s), ready in %.1f s",
             plan.num_layers, list(plan.emulator_layers), list(plan.adapter_layers),
-            modeling.adapter_bytes(package.state) / 1e6, package.fingerprint,
+            adapter_bytes(package.state) / 1e6, package.fingerprint,
             time.perf_counter() - start,
         )
         if s.emulator_path:
@@ -268,9 +264,39 @@ class FedBiOTServer(AdapterServer):
         state = ArrayRecord(adapter).to_torch_state_dict()
         return adapter_to_full_model_state(state, self.plan)
 
+    # -- messages ----------------------------------------------------------------------------
+    def upload_layout(self, arrays: ArrayRecord) -> Layout:
+        """Clients send the adapter LoRA only."""
+        _, adapter_keys = self.split(arrays)
+        return {k: tuple(arrays[k].shape) for k in adapter_keys}
+
+    def weight(self, update: TrainUpdate) -> float:
+        return 1.0 if self.settings.uniform_weights else update.weight
+
+    def address(self, messages: Iterable[Message]) -> list[Message]:
+        """Each message gets the emulator's fingerprint and split plan, and a node that has not
+        received the emulator from this server process gets the emulator itself."""
+        package = self.models().package
+        addressed = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            entries: dict[str, Any] = dict(package.message_config())
+            if self.sends_emulator and node not in self._served:
+                msg.content = RecordDict({**dict(msg.content.items()), **package.records()})
+                entries[FEDBIOT_MODEL_CONFIG] = package.model_config
+                self._served.add(node)
+            addressed.append(with_config(msg, entries))
+        return addressed
+
+    def delivered(self, messages: list[Message], replies: list[Message]) -> None:
+        """A node that failed or did not reply gets the emulator again: it may have lost it
+        (or never got it), and a restarted node may be a fresh machine."""
+        ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        self._served -= {m.metadata.dst_node_id for m in messages} - ok
+
     # -- evaluation and export ---------------------------------------------------------------
-    def _ensure_model(self) -> tuple[PeftModel, Any]:
-        """AdapterServer.evaluate's model: the full model (AdapFu)."""
+    def evaluation_model(self) -> tuple[PeftModel, Any]:
+        """AdapFu: the full model with the adapter LoRA on its top layers."""
         m = self.models()
         return m.full, m.tokenizer
 
@@ -281,14 +307,11 @@ class FedBiOTServer(AdapterServer):
         start = time.perf_counter()
         m = self.models()
         set_peft_model_state_dict(m.compressed, arrays.to_torch_state_dict())
-        emu = self._held_out.evaluate(self.cfg, m.compressed, m.tokenizer)
-        metrics.update({"emu_eval_loss": emu.loss, "emu_eval_rougeL": emu.rouge_l})
-        if emu.accuracy is not None:
-            metrics["emu_eval_accuracy"] = emu.accuracy
+        metrics.update(self.held_out().evaluate(m.compressed, m.tokenizer).as_metrics("emu_eval"))
         metrics["time_eval_emu"] = time.perf_counter() - start
         return metrics
 
-    def full_model_lora_config(self):
+    def export_config(self):
         """PEFT config of the exported adapter: LoRA on the full model's adapter layers only."""
         lora = self.cfg.model.lora
         _, config = fedbiot_lora_configs(
@@ -298,89 +321,7 @@ class FedBiOTServer(AdapterServer):
         config.base_model_name_or_path = self._base_path
         return config
 
-    def export(self, output: RunOutput, server_round: int, arrays: ArrayRecord) -> None:
-        output.save_adapter(server_round, self.adapter_state(arrays), self.full_model_lora_config())
 
-    def save_emulator(self, folder: str | Path) -> Path:
-        """Write the emulator package where clients can read it (`emulator_path`)."""
-        return self.models().package.save(folder)
-
-
-class FedBiOT(AdapterAggregation, FedAvg):
-    """FedAvg over the adapter LoRA; the emulator's weights go to each node once."""
-
-    def __init__(self, server: FedBiOTServer, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.server = server
-        self._served: set[int] = set()  # nodes given the emulator by this server process
-        self._destinations: set[int] = set()  # nodes of the last configure_* call
-
-    def upload_reference(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        """Clients send the adapter LoRA only."""
-        _, adapter_keys = self.server.split(arrays)
-        return {k: arrays[k].numpy() for k in adapter_keys}
-
-    def add_node_payload(self, messages: Iterable[Message]) -> list[Message]:
-        """Give each message its own content: the emulator's fingerprint and split plan, and,
-        for a node that has not received it from this server process, the emulator itself."""
-        messages = list(messages)
-        package = self.server.models().package
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            records = dict(msg.content.items())
-            config_key = next(iter(msg.content.config_records), "config")
-            config = ConfigRecord(dict(records.get(config_key, ConfigRecord())))
-            config.update(package.message_config())
-            if self.server.sends_emulator and node not in self._served:
-                records.update(package.records())
-                config[MODEL_CONFIG_KEY] = package.model_config
-                self._served.add(node)
-            records[config_key] = config
-            msg.content = RecordDict(records)
-        return messages
-
-    def _settle_deliveries(self, replies: list[Message]) -> None:
-        """A node that failed or did not reply gets the emulator again: it may have lost it
-        (or never got it), and a restarted node may be a fresh machine."""
-        ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        self._served -= self._destinations - ok
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = self.add_node_payload(
-            super().configure_train(server_round, arrays, config, grid)
-        )
-        self._destinations = {m.metadata.dst_node_id for m in messages}
-        return messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._settle_deliveries(replies)
-        return super().aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = self.add_node_payload(
-            super().configure_evaluate(server_round, arrays, config, grid)
-        )
-        self._destinations = {m.metadata.dst_node_id for m in messages}
-        return messages
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        replies = list(replies)
-        self._settle_deliveries(replies)
-        return super().aggregate_evaluate(server_round, replies)
-
-
-def build_fedbiot(cfg: RunConfig) -> tuple[FedBiOT, FedBiOTServer]:
-    server = FedBiOTServer(cfg)
-    strategy = FedBiOT(server, **sampling_kwargs(cfg))
-    strategy.uniform_weights = cfg.strategy.fedbiot.uniform_weights
-    strategy.reject_norm_ratio = cfg.strategy.reject_norm_ratio
-    return strategy, server
+def build_server(cfg: RunConfig, selection: ServerSelection) -> FedBiOTServer:
+    """FedBiOT's server half: FedAvg over the adapter LoRA (no server optimizer)."""
+    return FedBiOTServer(cfg, build_fedit(cfg), selection)

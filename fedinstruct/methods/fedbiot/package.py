@@ -24,16 +24,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedinstruct import modeling
-from fedinstruct.emulator import PLAN_FILE, SplitPlan, emulator_state_dict
+from fedinstruct.methods.fedbiot.split import PLAN_FILE, SplitPlan, emulator_state_dict
+from fedinstruct.model import _atomic_save, cache_root
+from fedinstruct.protocol import (
+    CONFIG_RECORD,
+    EMULATOR_RECORD,
+    EMULATOR_TOKENIZER_RECORD,
+    FEDBIOT_FINGERPRINT,
+    FEDBIOT_MODEL_CONFIG,
+    FEDBIOT_PLAN,
+)
 
 log = logging.getLogger(__name__)
 
-EMULATOR_RECORD = "emulator"  # ArrayRecord: compressed base weights (once per node)
-TOKENIZER_RECORD = "emulator-tokenizer"  # ArrayRecord: tokenizer files as uint8 (once per node)
-MODEL_CONFIG_KEY = "fedbiot-model-config"  # config: compressed model config JSON (with weights)
-FINGERPRINT_KEY = "fedbiot-fingerprint"  # config: which emulator this message's LoRA belongs to
-PLAN_KEY = "fedbiot-split-plan"  # config: split plan JSON
 FINGERPRINT_FILE = "fedbiot_fingerprint.txt"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -51,7 +54,7 @@ def fingerprint_of(state: Mapping[str, torch.Tensor], model_config: str, plan: S
 
 
 def cache_folder(fingerprint: str) -> Path:
-    return modeling.cache_root() / "emulators" / fingerprint
+    return cache_root() / "emulators" / fingerprint
 
 
 def read_fingerprint(folder: Path) -> str | None:
@@ -118,7 +121,8 @@ class EmulatorPackage:
 
     def message_config(self) -> dict[str, str]:
         """Entries every FedBiOT message carries."""
-        return {FINGERPRINT_KEY: self.fingerprint, PLAN_KEY: json.dumps(self.plan.to_dict())}
+        plan = json.dumps(self.plan.to_dict())
+        return {FEDBIOT_FINGERPRINT: self.fingerprint, FEDBIOT_PLAN: plan}
 
     def records(self) -> dict[str, ArrayRecord]:
         """The one-time records (built once, shared by every message that carries them)."""
@@ -129,7 +133,7 @@ class EmulatorPackage:
             }
             self._records = {
                 EMULATOR_RECORD: ArrayRecord(self.state),
-                TOKENIZER_RECORD: ArrayRecord(tokenizer),
+                EMULATOR_TOKENIZER_RECORD: ArrayRecord(tokenizer),
             }
         return self._records
 
@@ -145,25 +149,26 @@ class EmulatorPackage:
 
 def _unpack(content: RecordDict, config: ConfigRecord, fingerprint: str) -> Path:
     """Write the message's emulator into this machine's cache (once), checking it on the way."""
-    if MODEL_CONFIG_KEY not in config or TOKENIZER_RECORD not in content:
+    if FEDBIOT_MODEL_CONFIG not in config or EMULATOR_TOKENIZER_RECORD not in content:
         raise ValueError(
-            f"the message carries '{EMULATOR_RECORD}' weights but no '{MODEL_CONFIG_KEY}' config "
-            f"or '{TOKENIZER_RECORD}' record"
+            f"the message carries '{EMULATOR_RECORD}' weights but no '{FEDBIOT_MODEL_CONFIG}' "
+            f"config or '{EMULATOR_TOKENIZER_RECORD}' record"
         )
     target = cache_folder(fingerprint)
 
     def build(folder: Path) -> None:
         state = content[EMULATOR_RECORD].to_torch_state_dict()
-        model_config = str(config[MODEL_CONFIG_KEY])
-        plan = SplitPlan.from_dict(json.loads(str(config[PLAN_KEY])))
+        model_config = str(config[FEDBIOT_MODEL_CONFIG])
+        plan = SplitPlan.from_dict(json.loads(str(config[FEDBIOT_PLAN])))
         _check_layers(state, model_config)
         if fingerprint_of(state, model_config, plan) != fingerprint:
             raise ValueError("the emulator weights received do not match their fingerprint")
-        files = {name: a.numpy().tobytes() for name, a in content[TOKENIZER_RECORD].items()}
+        tokenizer = content[EMULATOR_TOKENIZER_RECORD]
+        files = {name: a.numpy().tobytes() for name, a in tokenizer.items()}
         write_folder(folder, state, model_config, plan, files, fingerprint)
         log.info("FedBiOT emulator received and cached in %s", target)
 
-    return modeling._atomic_save(build, target)  # a crash never leaves a partial folder
+    return _atomic_save(build, target)  # a crash never leaves a partial folder
 
 
 def emulator_folder(emulator_path: str | None, content: RecordDict) -> Path:
@@ -172,11 +177,11 @@ def emulator_folder(emulator_path: str | None, content: RecordDict) -> Path:
     Order: a configured `emulator_path`; the weights in this message (cached on the way);
     the local cache of an earlier message. Anything else is an error that says what to do.
     """
-    config = content["config"]
-    fingerprint = str(config.get(FINGERPRINT_KEY, ""))
+    config = content[CONFIG_RECORD]
+    fingerprint = str(config.get(FEDBIOT_FINGERPRINT, ""))
     if not fingerprint:
         raise ValueError(
-            f"strategy=fedbiot, but the message config has no '{FINGERPRINT_KEY}': the server "
+            f"strategy=fedbiot, but the message config has no '{FEDBIOT_FINGERPRINT}': the server "
             "does not run FedBiOT (use the same strategy on both sides)"
         )
     if emulator_path:

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from flwr.app import Message
 from peft import get_peft_model
 
-from fedinstruct import modeling
+from fedinstruct.client.cache import NODE, LoadedModel
 from fedinstruct.config import RunConfig
-from fedinstruct.emulator import (
+from fedinstruct.methods.base import ClientMethod
+from fedinstruct.methods.fedbiot.package import emulator_folder
+from fedinstruct.methods.fedbiot.split import (
     SplitPlan,
     decoder_layers,
     fedbiot_lora_configs,
@@ -27,12 +29,10 @@ from fedinstruct.emulator import (
     lora_parameter_groups,
     split_lora_state,
 )
-from fedinstruct.emulator_package import FINGERPRINT_KEY, emulator_folder
-from fedinstruct.local_client import LoadedModel
+from fedinstruct.model import load_base_model
+from fedinstruct.protocol import FEDBIOT_FINGERPRINT, FEDBIOT_PLAN, Instruction
 
 log = logging.getLogger(__name__)
-
-_MODELS: dict[tuple[str, str], LoadedModel] = {}
 
 
 def adapter_only(state: dict[str, torch.Tensor], plan: SplitPlan) -> dict[str, torch.Tensor]:
@@ -50,7 +50,7 @@ def load_client_model(cfg: RunConfig, folder: str | Path) -> LoadedModel:
     folder = Path(folder)
     plan = load_split_plan(folder)
     settings = dataclasses.replace(cfg.model, name_or_path=str(folder), gguf_file=None)
-    base, tokenizer = modeling.load_base_model(settings)
+    base, tokenizer = load_base_model(settings)
     if len(decoder_layers(base)) != plan.num_compressed_layers:
         raise ValueError(f"emulator folder {folder}: model and split plan disagree on layers")
     lora = cfg.model.lora
@@ -75,15 +75,25 @@ def load_client_model(cfg: RunConfig, folder: str | Path) -> LoadedModel:
     )
 
 
-def compressed_client_model(cfg: RunConfig, msg: Message) -> tuple[LoadedModel, bool]:
-    """This process's emulator + adapter for the message's emulator; True when loaded now."""
-    fingerprint = str(msg.content["config"].get(FINGERPRINT_KEY, ""))
-    key = (repr(cfg.model), fingerprint)
-    if fingerprint and key in _MODELS:
-        return _MODELS[key], False
-    start = time.perf_counter()
-    folder = emulator_folder(cfg.strategy.fedbiot.emulator_path, msg.content)
-    loaded = load_client_model(cfg, folder)
-    loaded.load_seconds = time.perf_counter() - start
-    _MODELS[key] = loaded
-    return loaded, True
+class FedBiOTClient(ClientMethod):
+    """Trains the adapter's LoRA on emulator + adapter, with a proximal term (eps)."""
+
+    def model(self, instruction: Instruction) -> tuple[LoadedModel, bool]:
+        """Emulator + adapter for the message's emulator, and whether this call loaded it."""
+        fingerprint = str(instruction.config.get(FEDBIOT_FINGERPRINT, ""))
+
+        def load():
+            folder = emulator_folder(self.cfg.strategy.fedbiot.emulator_path, instruction.content)
+            loaded = load_client_model(self.cfg, folder)
+            return loaded.model, loaded.tokenizer
+
+        model, tokenizer, seconds, fresh = NODE.model(f"{self.cfg.model!r}|{fingerprint}", load)
+        plan = SplitPlan.from_dict(json.loads(str(instruction.config[FEDBIOT_PLAN])))
+        upload = functools.partial(adapter_only, plan=plan)
+        return LoadedModel(model, tokenizer, seconds, upload=upload), fresh
+
+    def prewarm(self) -> None:
+        """Nothing to prewarm: the model is built from the emulator the messages bring."""
+
+    def proximal_weight(self, instruction: Instruction) -> float:
+        return self.cfg.strategy.fedbiot.proximal_eps

@@ -24,6 +24,13 @@ class EvalResult:
     accuracy: float | None  # only when every reference ends in "#### <number>"
     generations: list[str]
 
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        """`{prefix}_loss`, `{prefix}_rougeL` (and `{prefix}_accuracy`) for a metrics row."""
+        metrics = {f"{prefix}_loss": self.loss, f"{prefix}_rougeL": self.rouge_l}
+        if self.accuracy is not None:
+            metrics[f"{prefix}_accuracy"] = self.accuracy
+        return metrics
+
 
 @torch.no_grad()
 def response_loss(

@@ -1,0 +1,204 @@
+"""What a method is: a server half and a client half, each asked by the round loop or the
+ClientApp, never probed.
+
+The server half (`ServerMethod`) holds the global state: it builds the initial adapter, says
+what each node is sent and what a reply must hold, merges the aggregate back, evaluates and
+exports. FedIT's behaviour is the default here: one LoRA adapter is the global model. The
+client half (`ClientMethod`) says which model a client trains and with what extra loss.
+
+Data selection is a second, independent axis (`ServerSelection` / `ClientSelection`):
+`all`, `random` and FedHDS compose with every training method.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.serverapp.strategy import Strategy
+from peft import PeftModel, set_peft_model_state_dict
+
+from fedinstruct.client.cache import LoadedModel, base_model
+from fedinstruct.config import RunConfig
+from fedinstruct.model import (
+    add_lora,
+    initial_adapter_state,
+    load_base_model,
+    lora_config,
+    resolve_model_path,
+)
+from fedinstruct.protocol import PROXIMAL_MU, Instruction, Layout, TrainUpdate, layout_of
+from fedinstruct.server.evaluation import HeldOutSet
+
+if TYPE_CHECKING:
+    from fedinstruct.client.local import LocalClient
+    from fedinstruct.server.output import RunOutput
+
+class Send(Protocol):
+    """The round loop's way to run an exchange: the connected nodes, and send-and-collect."""
+
+    def node_ids(self) -> list[int]: ...
+
+    def __call__(self, messages: list[Message], label: str) -> list[Message]:
+        """Address, pack and send `messages`; return the successful replies."""
+        ...
+
+
+class ServerSelection:
+    """The server half of data selection. `all` uses it as it is: no stage, no extra config."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """Entries every train message of this round carries."""
+        return {}
+
+    def stage(self, server_round: int, arrays: ArrayRecord, send: Send, row: dict[str, Any]
+              ) -> dict[int, list[int]] | None:
+        """A selection exchange before training: per node id, the cluster ids it trains on
+        (None: no stage this round)."""
+        return None
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and numbers a resumed run needs to replay the selection."""
+        return {}, {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        del tensors, state
+
+
+class ClientSelection:
+    """The client half of data selection: which local rows to train on this round."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def rows(self, client: LocalClient, context: Context, instruction: Instruction) -> list[int]:
+        raise NotImplementedError
+
+    def summarize(self, client: LocalClient, context: Context, loaded: LoadedModel,
+                  instruction: Instruction) -> tuple[Any, Any, Any]:
+        """(centroids, cluster ids, weights) of the local data, for a selection stage."""
+        raise NotImplementedError(f"selection={self.cfg.selection.name} has no selection stage")
+
+
+class ServerMethod:
+    """The server half of a training method; FedIT's behaviour unless a method overrides it."""
+
+    def __init__(self, cfg: RunConfig, strategy: Strategy, selection: ServerSelection) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.selection = selection
+        self._model: PeftModel | None = None
+        self._tokenizer: Any = None
+        self._held_out: HeldOutSet | None = None
+        self._export_config = None
+
+    # -- global state -----------------------------------------------------------------------
+    def initial_arrays(self) -> ArrayRecord:
+        """The first global adapter, from the model's config alone (no weights loaded)."""
+        return ArrayRecord(initial_adapter_state(self.cfg.model, self.cfg.seed))
+
+    def before_round(self, server_round: int, arrays: ArrayRecord
+                     ) -> tuple[ArrayRecord, dict[str, float]]:
+        """Server work before a round's training (FedBiOT aligns its emulator here)."""
+        return arrays, {}
+
+    def upload_layout(self, arrays: ArrayRecord) -> Layout:
+        """Names and shapes a client's train reply must hold (the whole adapter for FedIT)."""
+        return layout_of(arrays)
+
+    def weight(self, update: TrainUpdate) -> float:
+        """A reply's weight in the average: the samples it trained on."""
+        return update.weight
+
+    def after_aggregation(self, arrays: ArrayRecord, aggregated: ArrayRecord) -> ArrayRecord:
+        """The next global state from the aggregate (the aggregate itself for FedIT)."""
+        return aggregated
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Extra server-side tensors a resumed run needs (none for FedIT)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        del tensors
+
+    # -- messages ---------------------------------------------------------------------------
+    def address(self, messages: Iterable[Message]) -> list[Message]:
+        """Per-node content added to a stage's messages (FedBiOT: its emulator)."""
+        return list(messages)
+
+    def delivered(self, messages: list[Message], replies: list[Message]) -> None:
+        """Which messages reached their node (FedBiOT resends the emulator to the others)."""
+
+    # -- evaluation and export --------------------------------------------------------------
+    def adapter_state(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The full-model adapter held in `arrays` (what is exported and evaluated)."""
+        return arrays.to_torch_state_dict()
+
+    def evaluation_model(self) -> tuple[PeftModel, Any]:
+        """The model the held-out set is scored on (loaded on first use)."""
+        if self._model is None:
+            base, self._tokenizer = load_base_model(self.cfg.model,
+                                                    quantize=self.cfg.eval.quantized_base)
+            self._model = add_lora(base, self.cfg.model)
+        return self._model, self._tokenizer
+
+    def held_out(self) -> HeldOutSet:
+        if self._held_out is None:
+            self._held_out = HeldOutSet(self.cfg, self.evaluation_model()[1])
+        return self._held_out
+
+    def evaluates(self, server_round: int) -> bool:
+        every = self.cfg.eval.every
+        return every > 0 and (server_round % every == 0 or server_round == self.cfg.num_rounds)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        if not self.evaluates(server_round):
+            return {}
+        start = time.perf_counter()
+        model, tokenizer = self.evaluation_model()
+        set_peft_model_state_dict(model, self.adapter_state(arrays))
+        metrics = self.held_out().evaluate(model, tokenizer).as_metrics("eval")
+        metrics["time_eval"] = time.perf_counter() - start
+        return metrics
+
+    def export_config(self):
+        """The PEFT config the exported adapter is saved with."""
+        if self._export_config is None:  # resolve the base model's path once, not every round
+            self._export_config = lora_config(
+                self.cfg.model, base_model_name_or_path=resolve_model_path(self.cfg.model))
+        return self._export_config
+
+    def export(self, output: RunOutput, server_round: int, arrays: ArrayRecord) -> None:
+        output.save_adapter(server_round, self.adapter_state(arrays), self.export_config())
+
+
+class ClientMethod:
+    """The client half of a training method; FedIT's behaviour unless a method overrides it."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def model(self, instruction: Instruction) -> tuple[LoadedModel, bool]:
+        """The model this client trains, and whether this call loaded it."""
+        return base_model(self.cfg)
+
+    def prewarm(self) -> None:
+        """Load the model before the first message (a warm app server's hook).
+
+        Only on CPU hosts: a process that has touched CUDA cannot fork usable children, so GPU
+        nodes load in each task (from the node's pre-quantized copy).
+        """
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asks without initialising
+        if not torch.cuda.is_available():
+            base_model(self.cfg)
+
+    def proximal_weight(self, instruction: Instruction) -> float:
+        """Weight of ||theta - theta_round_start||^2 in the loss: FedProx's mu / 2."""
+        return instruction.number(PROXIMAL_MU) / 2

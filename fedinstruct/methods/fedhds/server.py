@@ -1,0 +1,118 @@
+"""The server's side of data selection: Random at another run's counts, and FedHDS's stage.
+
+FedHDS (Qin et al., ACL Findings'25): every `reselect_every` rounds each client clusters its
+own samples and sends the centroids only; the server clusters all centroids and tells each
+client which of its local clusters won. The selection's round and adapter are checkpointed,
+so a resumed run replays it (clients keep their clustering only for one run).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedinstruct.config import ConfigError, RunConfig
+from fedinstruct.methods.base import Send, ServerSelection
+from fedinstruct.methods.fedhds.baselines import matched_counts
+from fedinstruct.methods.fedhds.clustering import select_global
+from fedinstruct.protocol import (
+    ADAPTER_RECORD,
+    CONFIG_RECORD,
+    RANDOM_COUNTS,
+    SELECT,
+    SERVER_ROUND,
+    ProtocolError,
+    read_select_reply,
+)
+
+log = logging.getLogger(__name__)
+
+
+def random_count_schedule(cfg: RunConfig) -> dict[int, list[int]] | None:
+    """`selection.random.match_run`: per round, the rows each partition trained on there."""
+    source = cfg.selection.random.match_run
+    if source is None:
+        return None
+    try:
+        return matched_counts(source, cfg.num_rounds)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"selection.random.match_run: {err}") from err
+
+
+class RandomSelection(ServerSelection):
+    """Random rows are drawn by each client; the server only relays `match_run` counts."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        # read now: a bad match_run fails before any model is loaded (models load lazily)
+        self.counts = random_count_schedule(cfg)
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        return {} if self.counts is None else {RANDOM_COUNTS: self.counts[server_round]}
+
+
+class FedHDSSelection(ServerSelection):
+    """Centroids up, server clustering, winning local cluster ids down (in train)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self._selection: tuple[int, ArrayRecord] | None = None  # (round, adapter) of the last
+        self._replay = False  # resumed between two selections
+
+    def stage(self, server_round: int, arrays: ArrayRecord, send: Send, row: dict[str, Any]
+              ) -> dict[int, list[int]] | None:
+        reselect = (server_round - 1) % self.cfg.selection.reselect_every == 0
+        if not (reselect or self._replay):
+            return None
+        if reselect or self._selection is None:
+            self._selection = (server_round, arrays)
+        else:
+            log.info("round %d: replaying the selection of round %d", server_round,
+                     self._selection[0])
+        self._replay = False
+        start = time.perf_counter()
+        selected = self._select(*self._selection, send, row)
+        row["time_selection"] = time.perf_counter() - start
+        return selected
+
+    def _select(self, selection_round: int, arrays: ArrayRecord, send: Send,
+                row: dict[str, Any]) -> dict[int, list[int]]:
+        settings = self.cfg.selection.fedhds
+        content = RecordDict({ADAPTER_RECORD: arrays,
+                              CONFIG_RECORD: ConfigRecord({SERVER_ROUND: selection_round})})
+        messages = [Message(content, dst_node_id=node, message_type=SELECT)
+                    for node in send.node_ids()]
+        payload = {}
+        client_seconds = 0.0
+        for reply in send(messages, f"round {selection_round} selection"):
+            try:
+                c = read_select_reply(reply)
+            except ProtocolError as err:
+                log.warning("selection: node %s sent an invalid reply, left out: %s",
+                            reply.metadata.src_node_id, err)
+                continue
+            payload[c.node_id] = (c.cluster_ids, c.centroids, c.weights)
+            client_seconds = max(client_seconds, c.metrics.get("time-select", 0.0))
+        start = time.perf_counter()
+        selected = select_global(payload, min_cluster_size=settings.server_min_cluster_size,
+                                 keep_noise=settings.keep_noise)
+        row["time_server_clustering"] = time.perf_counter() - start
+        row["local_clusters"] = int(sum(len(p[0]) for p in payload.values()))
+        row["selected_clusters"] = int(sum(len(v) for v in selected.values()))
+        row["time_select_clients"] = client_seconds
+        return selected
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self._selection is None:
+            return {}, {}
+        selection_round, arrays = self._selection
+        return arrays.to_torch_state_dict(), {"selection_round": selection_round}
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        if tensors and "selection_round" in state:
+            self._selection = (int(state["selection_round"]), ArrayRecord(tensors))
+            self._replay = True

@@ -1,0 +1,242 @@
+"""The server's round loop: selection stage, training, aggregation, evaluation, checkpoint.
+
+Flower's `Strategy.start` runs a fixed train/evaluate loop; FedHDS needs a selection exchange
+before training and every run needs a checkpoint and a metrics row per round, so the loop is
+written out here. It asks the run's method (`fedinstruct.methods`) what to send and how to
+merge, drives the method's Flower strategy through its public `configure_*`/`aggregate_*` API,
+and reads every reply through `fedinstruct.protocol` before the strategy sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedinstruct.config import RunConfig
+from fedinstruct.methods.base import ServerMethod
+from fedinstruct.protocol import (
+    SELECTED_CLUSTERS,
+    Layout,
+    ProtocolError,
+    TrainUpdate,
+    read_evaluate_reply,
+    read_train_reply,
+    seal,
+    with_config,
+)
+from fedinstruct.server.messaging import exchange
+from fedinstruct.server.output import RunOutput
+
+log = logging.getLogger(__name__)
+
+
+def record_bytes(msg: Message) -> int:
+    """Bytes of the tensors a message carries (the serialized arrays, headers included)."""
+    records = msg.content.array_records.values()
+    return sum(len(array.data) for record in records for array in record.values())
+
+
+class _Sender:
+    """One round's exchanges: address (the method), pack (the protocol), send, count bytes."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        self.run = run
+        self.bytes_down = self.bytes_up = 0
+
+    def node_ids(self) -> list[int]:
+        return list(self.run.grid.get_node_ids())
+
+    def __call__(self, messages: list[Message], label: str, min_replies: int | None = None
+                 ) -> list[Message]:
+        method, fed = self.run.method, self.run.cfg.federation
+        messages = [seal(m) for m in method.address(messages)]
+        quorum = fed.min_replies if min_replies is None else min_replies
+        replies = exchange(self.run.grid, messages, timeout=fed.round_timeout,
+                           min_replies=quorum, label=label)
+        method.delivered(messages, replies)
+        self.bytes_down += sum(record_bytes(m) for m in messages)  # as sent: packed
+        self.bytes_up += sum(record_bytes(r) for r in replies)
+        return replies
+
+
+class FederatedRun:
+    def __init__(self, cfg: RunConfig, grid: Grid, method: ServerMethod, output: RunOutput
+                 ) -> None:
+        self.cfg, self.grid, self.method, self.output = cfg, grid, method, output
+        self.strategy = method.strategy
+
+    def run(self) -> ArrayRecord:
+        start_round, arrays = self._start()
+        for server_round in range(start_round, self.cfg.num_rounds + 1):
+            arrays = self._round(server_round, arrays)
+        log.info("Run finished; outputs in %s", self.output.folder)
+        return arrays
+
+    # -- phases -----------------------------------------------------------------------------
+    def _start(self) -> tuple[int, ArrayRecord]:
+        checkpoint = self.output.load_checkpoint() if self.cfg.resume else None
+        if checkpoint is None:
+            if self.cfg.resume:
+                log.info("resume=true but %s holds no checkpoint: starting fresh",
+                         self.output.folder)
+            arrays = self.method.initial_arrays()
+            if self.cfg.eval.every > 0:
+                row = {"round": 0, **self.method.evaluate(0, arrays)}
+                self.output.append_metrics(row)
+                log.info("round 0 | %s", _summary(row))
+            return 1, arrays
+        done, tensors, state = checkpoint
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.method.selection.restore(part("selection/"), state)
+        self.strategy.load_state_arrays({k: v.numpy() for k, v in part("strategy/").items()})
+        self.method.load_state_tensors(part("server/"))
+        self.output.truncate_metrics(done)
+        if "row" in state and all(r.get("round") != done for r in self.output.read_metrics()):
+            self.output.append_metrics(state["row"])  # stopped between checkpoint and metrics
+        log.info("Resuming %s after round %d", self.output.folder, done)
+        return done + 1, ArrayRecord(part("global/"))
+
+    def _round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        cfg, method = self.cfg, self.method
+        row: dict[str, Any] = {"round": server_round}
+        round_start = time.perf_counter()
+        send = _Sender(self)
+
+        t = time.perf_counter()
+        arrays, server_metrics = method.before_round(server_round, arrays)
+        row.update(server_metrics)
+        row["time_server_prep"] = time.perf_counter() - t
+
+        random.seed(cfg.seed * 1_000_003 + server_round)  # node sampling replays on resume
+        selected = method.selection.stage(server_round, arrays, send, row)
+
+        t = time.perf_counter()
+        config = ConfigRecord(method.selection.train_config(server_round))
+        messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        if selected is not None:
+            messages = [with_config(m, {SELECTED_CLUSTERS: selected.get(
+                m.metadata.dst_node_id, []) or [-1]}) for m in messages]
+        replies = send(messages, f"round {server_round} train")
+        row["time_train_phase"] = time.perf_counter() - t
+        updates = read_updates(replies, method.upload_layout(arrays), f"round {server_round}")
+        if len(replies) < len(messages):
+            log.warning("round %d: %d of %d nodes did not reply in time or failed",
+                        server_round, len(messages) - len(replies), len(messages))
+
+        t = time.perf_counter()
+        aggregated, train_metrics = self.strategy.aggregate_train(
+            server_round, [u.for_aggregation(method.weight(u)) for u in updates])
+        if aggregated is not None:
+            arrays = method.after_aggregation(arrays, aggregated)
+        row["time_aggregate"] = time.perf_counter() - t
+
+        row.update(_train_row(updates, train_metrics))
+        row.update({
+            "bytes_down": send.bytes_down,
+            "bytes_up": send.bytes_up,
+            "nodes_replied": len(replies),
+            "nodes_sampled": len(messages),
+            "bytes_per_client_down": send.bytes_down / max(len(messages), 1),
+            "bytes_per_client_up": send.bytes_up / max(len(replies), 1),
+        })
+        if cfg.eval.federated:
+            row.update(self._federated_evaluation(server_round, arrays, send))
+        row.update(method.evaluate(server_round, arrays))
+
+        t = time.perf_counter()
+        method.export(self.output, server_round, arrays)
+        self._checkpoint(server_round, arrays, row)
+        row["time_checkpoint"] = time.perf_counter() - t
+        row["time_round"] = time.perf_counter() - round_start
+        self.output.append_metrics(row)
+        self.output.plot()
+        log.info("round %d/%d | %s", server_round, cfg.num_rounds, _summary(row))
+        return arrays
+
+    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, send: _Sender
+                              ) -> dict[str, Any]:
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(),
+                                                         self.grid))
+        losses = []
+        for reply in send(messages, f"round {server_round} evaluation", min_replies=0):
+            try:
+                losses.append(read_evaluate_reply(reply))
+            except ProtocolError as err:
+                log.warning("evaluation: node %s sent an invalid reply: %s",
+                            reply.metadata.src_node_id, err)
+        total = sum(count for _, count in losses)
+        if not total:
+            return {}
+        return {"fed_eval_loss": sum(loss * count for loss, count in losses) / total}
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
+        tensors = {f"global/{k}": v for k, v in arrays.to_torch_state_dict().items()}
+        selection, selection_state = self.method.selection.checkpoint()
+        state: dict[str, Any] = {"num_rounds": self.cfg.num_rounds, "row": dict(row),
+                                 **selection_state}
+        tensors.update({f"selection/{k}": v for k, v in selection.items()})
+        tensors.update({f"strategy/{k}": torch.from_numpy(np.ascontiguousarray(v))
+                        for k, v in self.strategy.state_arrays().items()})
+        tensors.update({f"server/{k}": v for k, v in self.method.state_tensors().items()})
+        self.output.save_checkpoint(server_round, tensors, state)
+
+
+def read_updates(replies: list[Message], layout: Layout, label: str) -> list[TrainUpdate]:
+    """The train replies that fit the protocol; each one that does not is logged and left out."""
+    updates = []
+    for reply in replies:
+        try:
+            updates.append(read_train_reply(reply, layout))
+        except ProtocolError as err:
+            log.warning("%s: rejected update from node %s: %s", label,
+                        reply.metadata.src_node_id, err)
+    return updates
+
+
+def _train_row(updates: list[TrainUpdate], train_metrics) -> dict[str, Any]:
+    def total(key: str) -> float:
+        return sum(u.metrics.get(key, 0.0) for u in updates)
+
+    samples = {int(u.metrics.get("partition-id", 0)): int(u.weight) for u in updates}
+    local = total("local-samples")
+    row: dict[str, Any] = {
+        "train_samples": sum(samples.values()),
+        "train_samples_per_client": {str(k): v for k, v in sorted(samples.items())},
+        "train_fraction_of_data": sum(samples.values()) / local if local else 0.0,
+        "train_tokens": int(total("train-tokens")),
+        "truncated": int(total("truncated")),
+        "dropped": int(total("dropped")),
+        "time_client_train": total("time-train"),
+        "time_client_train_max": max((u.metrics.get("time-train", 0.0) for u in updates),
+                                     default=0.0),
+        "time_client_load": total("time-load"),
+    }
+    if train_metrics is not None and "train-loss" in train_metrics:
+        row["train_loss"] = float(train_metrics["train-loss"])
+    return row
+
+
+def _summary(row: dict[str, Any]) -> str:
+    parts = []
+    for key, fmt in (
+        ("eval_loss", "eval_loss {:.4f}"),
+        ("eval_rougeL", "rougeL {:.4f}"),
+        ("emu_eval_rougeL", "emu_rougeL {:.4f}"),
+        ("train_loss", "train_loss {:.4f}"),
+        ("train_samples", "samples {}"),
+        ("bytes_up", "up {:,} B"),
+        ("time_round", "{:.1f} s"),
+    ):
+        if key in row:
+            parts.append(fmt.format(row[key]))
+    return " | ".join(parts)
