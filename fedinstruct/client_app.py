@@ -18,11 +18,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from peft import get_peft_model_state_dict
 
-from fedinstruct.client.cache import NODE, LoadedModel
-from fedinstruct.client.local import LocalClient
+from fedinstruct.client.local import NODE, LoadedModel, LocalClient
 from fedinstruct.config import RunConfig, config_from_run_config
 from fedinstruct.logs import setup_logging
-from fedinstruct.methods import client_method
+from fedinstruct.methods.base import client_method
 from fedinstruct.protocol import (
     Instruction,
     evaluate_reply,
@@ -98,7 +97,7 @@ def handle_evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
 
 
 def prewarm(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
-    """Load the run's model before the first message (called by a warm app server)."""
+    """Load the run's model before the next message (called by a warm app server)."""
     del node_config
     client_method(config_from_run_config(run_config))[0].prewarm()
 

@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedinstruct.config import RunConfig, config_from_run_config, to_container
 from fedinstruct.logs import setup_logging
-from fedinstruct.methods import server_method
+from fedinstruct.methods.base import server_method
 from fedinstruct.server.loop import FederatedRun
 from fedinstruct.server.output import RunOutput
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fedinstruct.client_app import handle_select, handle_train
 from fedinstruct.config import ConfigError, compose_config
-from fedinstruct.methods import server_method
+from fedinstruct.methods.base import server_method
 from fedinstruct.methods.fedbiot.client import FedBiOTClient
 from fedinstruct.methods.fedbiot.package import (
     cache_folder,
@@ -97,6 +97,7 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
+@pytest.mark.slow
 def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_up(
     tmp_path, flower_identity
 ):
@@ -170,6 +171,7 @@ def simulated_run(tmp_path_factory):
     return cfg, folder, rows
 
 
+@pytest.mark.slow
 def test_simulated_run_reports_both_evaluations_and_alignment(simulated_run):
     _, _, rows = simulated_run
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -187,6 +189,7 @@ def test_simulated_run_reports_both_evaluations_and_alignment(simulated_run):
     assert rows[2]["bytes_down"] / rows[2]["bytes_up"] == pytest.approx(2, rel=1e-2)
 
 
+@pytest.mark.slow
 def test_exported_adapter_loads_on_the_full_model(simulated_run):
     cfg, folder, _ = simulated_run
     adapter = folder / "adapters" / "final"

@@ -8,6 +8,10 @@ client half (`ClientMethod`) says which model a client trains and with what extr
 
 Data selection is a second, independent axis (`ServerSelection` / `ClientSelection`):
 `all`, `random` and FedHDS compose with every training method.
+
+A run's method is chosen once, at the end of this module, from the config: the training method
+(`strategy.name`) and the data selection (`selection.name`) each name a server half and a client
+half, imported on demand, so that a client never imports the server's alignment code.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from importlib import import_module
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp.strategy import Strategy
 from peft import PeftModel, set_peft_model_state_dict
 
-from fedinstruct.client.cache import LoadedModel, base_model
+from fedinstruct.client.local import LoadedModel, LocalClient, base_model
 from fedinstruct.config import RunConfig
 from fedinstruct.model import (
     add_lora,
@@ -33,10 +38,8 @@ from fedinstruct.model import (
 )
 from fedinstruct.protocol import PROXIMAL_MU, Instruction, Layout, TrainUpdate, layout_of
 from fedinstruct.server.evaluation import HeldOutSet
+from fedinstruct.server.output import RunOutput
 
-if TYPE_CHECKING:
-    from fedinstruct.client.local import LocalClient
-    from fedinstruct.server.output import RunOutput
 
 class Send(Protocol):
     """The round loop's way to run an exchange: the connected nodes, and send-and-collect."""
@@ -73,13 +76,14 @@ class ServerSelection:
 
 
 class ClientSelection:
-    """The client half of data selection: which local rows to train on this round."""
+    """The client half of data selection: which local rows to train on this round. `all` uses
+    it as it is: every local row, every round (FedIT's setting)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
     def rows(self, client: LocalClient, context: Context, instruction: Instruction) -> list[int]:
-        raise NotImplementedError
+        return list(range(len(client.dataset)))
 
     def summarize(self, client: LocalClient, context: Context, loaded: LoadedModel,
                   instruction: Instruction) -> tuple[Any, Any, Any]:
@@ -202,3 +206,36 @@ class ClientMethod:
     def proximal_weight(self, instruction: Instruction) -> float:
         """Weight of ||theta - theta_round_start||^2 in the loss: FedProx's mu / 2."""
         return instruction.number(PROXIMAL_MU) / 2
+
+
+# name -> (server half, client half), as "module:attribute"
+TRAINING = {
+    "fedit": ("fedinstruct.methods.fedit:build_server", "fedinstruct.methods.base:ClientMethod"),
+    "fedbiot": ("fedinstruct.methods.fedbiot.server:build_server",
+                "fedinstruct.methods.fedbiot.client:FedBiOTClient"),
+}
+SELECTION = {
+    "all": ("fedinstruct.methods.base:ServerSelection",
+            "fedinstruct.methods.base:ClientSelection"),
+    "random": ("fedinstruct.methods.fedhds.server:RandomSelection",
+               "fedinstruct.methods.fedhds.client:RandomRows"),
+    "fedhds": ("fedinstruct.methods.fedhds.server:FedHDSSelection",
+               "fedinstruct.methods.fedhds.client:FedHDSRows"),
+}
+
+
+def _load(path: str) -> Any:
+    module, name = path.split(":")
+    return getattr(import_module(module), name)
+
+
+def server_method(cfg: RunConfig) -> ServerMethod:
+    """The server half of the run's method, with its Flower strategy and selection."""
+    selection: ServerSelection = _load(SELECTION[cfg.selection.name][0])(cfg)
+    return _load(TRAINING[cfg.strategy.name][0])(cfg, selection)
+
+
+def client_method(cfg: RunConfig) -> tuple[ClientMethod, ClientSelection]:
+    """The client halves of the run's training method and data selection."""
+    return (_load(TRAINING[cfg.strategy.name][1])(cfg),
+            _load(SELECTION[cfg.selection.name][1])(cfg))

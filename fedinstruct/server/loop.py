@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedinstruct.config import RunConfig
@@ -31,7 +33,6 @@ from fedinstruct.protocol import (
     seal,
     with_config,
 )
-from fedinstruct.server.messaging import exchange
 from fedinstruct.server.output import RunOutput
 
 log = logging.getLogger(__name__)
@@ -240,3 +241,68 @@ def _summary(row: dict[str, Any]) -> str:
         if key in row:
             parts.append(fmt.format(row[key]))
     return " | ".join(parts)
+
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """Too few nodes replied in a round; the message says how many and why."""
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float,
+    min_replies: int,
+    label: str,
+    poll_interval: float = 0.2,
+) -> list[Message]:
+    """Push `messages`, return the successful replies received within `timeout` seconds.
+
+    Failed and missing nodes are logged by node id with Flower's reason; fewer than
+    `min_replies` successful replies (or fewer messages than that) raise RoundFailed.
+    """
+    messages = list(messages)
+    if not messages:
+        return []
+    if len(messages) < min_replies:
+        raise RoundFailed(
+            f"{label}: only {len(messages)} nodes were sampled but federation.min_replies is "
+            f"{min_replies}"
+        )
+    for msg in messages:
+        msg.metadata.ttl = timeout
+    pushed = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
+    # pushing sets each message's id; a grid may leave out (or give None for) a refused one
+    destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                    if m.metadata.message_id in pushed}
+    failures = {m.metadata.dst_node_id: "the message could not be sent" for m in messages
+                if m.metadata.message_id not in pushed}
+    pending = set(destinations)
+    too_late = f"no reply within federation.round_timeout={timeout:g} s"
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(pending):
+            msg_id = reply.metadata.reply_to_message_id
+            pending.discard(msg_id)
+            if reply.has_error():  # the message expires with the round: "unavailable"
+                expired = reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+                failures[destinations[msg_id]] = too_late if expired else reply.error.reason
+            else:
+                replies.append(reply)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_interval)
+    for msg_id in pending:
+        failures[destinations[msg_id]] = too_late
+    for node_id, reason in failures.items():
+        log.warning("%s: node %s lost: %s", label, node_id, reason)
+    if len(replies) < min_replies:
+        raise RoundFailed(
+            f"{label}: {len(replies)} of {len(messages)} nodes replied, fewer than "
+            f"federation.min_replies={min_replies} (failed: {sorted(failures)})"
+        )
+    return replies

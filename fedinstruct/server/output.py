@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:
+from fedinstruct.files import atomic_folder, atomic_write_text
+
+if TYPE_CHECKING:  # torch loads only to write tensors: the CLI and readers stay light
+    import torch
     from peft import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -25,24 +24,42 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def read_metrics(source: str | Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (`source`: the run folder or the file); [] if absent.
+
+    A line that is not JSON raises ValueError naming the file and line; with `skip_bad` (a
+    run's own file, whose last line a crash may have torn) it is logged and skipped instead.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if not skip_bad:
+                raise ValueError(f"{path} line {number} is not JSON: {err}") from None
+            log.warning("%s line %d is not JSON; skipped", path, number)
+    return rows
 
 
 def save_peft_adapter(
     folder: Path, state: Mapping[str, torch.Tensor], lora_config: LoraConfig
 ) -> Path:
     """Write an adapter in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads it)."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lora_config.save_pretrained(str(tmp))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+    from safetensors.torch import save_file
+
+    def build(tmp: Path) -> None:
+        lora_config.save_pretrained(str(tmp))
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+
+    return atomic_folder(folder, build, replace=True)
 
 
 class RunOutput:
@@ -57,7 +74,7 @@ class RunOutput:
         return self.folder / METRICS_FILE
 
     def save_config(self, config: Mapping[str, Any]) -> None:
-        _atomic_write_text(
+        atomic_write_text(
             self.folder / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False)
         )
 
@@ -66,22 +83,12 @@ class RunOutput:
             f.write(json.dumps(dict(row), default=float) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash while it was written
-                log.warning("%s line %d is not JSON; skipped", self.metrics_path, number)
-        return rows
+        return read_metrics(self.metrics_path, skip_bad=True)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows after `last_round` (a resumed run rewrites them)."""
         rows = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
-        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def save_adapter(
         self,
@@ -102,26 +109,24 @@ class RunOutput:
         self, server_round: int, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any]
     ) -> None:
         """Everything needed to resume after `server_round`: tensors plus JSON-able state."""
-        final = self.folder / CHECKPOINT_DIR
-        tmp = self.folder / f".{CHECKPOINT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp / "tensors.safetensors"),
-        )
-        (tmp / "state.json").write_text(json.dumps({"round": server_round, **state}, default=float))
-        old = self.folder / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        from safetensors.torch import save_file
+
+        def build(tmp: Path) -> None:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                str(tmp / "tensors.safetensors"),
+            )
+            state_json = json.dumps({"round": server_round, **state}, default=float)
+            (tmp / "state.json").write_text(state_json)
+
+        atomic_folder(self.folder / CHECKPOINT_DIR, build, replace=True)
 
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         folder = self.folder / CHECKPOINT_DIR
         if not (folder / "state.json").exists():
             return None
+        from safetensors.torch import load_file
+
         state = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "tensors.safetensors"))
         return int(state.pop("round")), tensors, state

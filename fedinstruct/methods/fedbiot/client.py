@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from fedinstruct.client.cache import NODE, LoadedModel
+from fedinstruct.client.local import NODE, LoadedModel
 from fedinstruct.config import RunConfig
 from fedinstruct.methods.base import ClientMethod
 from fedinstruct.methods.fedbiot.package import emulator_folder

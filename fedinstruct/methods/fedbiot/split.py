@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 PLAN_FILE = "fedbiot_split_plan.json"
 _LAYER_KEY = re.compile(r"(?<![A-Za-z0-9_])layers\.(\d+)\.")
@@ -190,66 +190,11 @@ def emulator_state_dict(compressed_model: torch.nn.Module) -> dict[str, torch.Te
     return state
 
 
-def _as_config(config: PretrainedConfig | Mapping[str, Any]) -> PretrainedConfig:
-    if isinstance(config, PretrainedConfig):
-        return copy.deepcopy(config)
-    if isinstance(config, Mapping):
-        data = dict(config)
-        if "model_type" not in data:
-            raise ValueError("config dict needs a 'model_type' field (use config.to_dict())")
-        return AutoConfig.for_model(data.pop("model_type"), **data)
-    raise ValueError(f"config must be a PretrainedConfig or dict, got {type(config).__name__}")
-
-
-def _layer_indices_in(keys: Sequence[str]) -> set[int]:
-    return {int(m.group(1)) for k in keys if (m := _LAYER_KEY.search(k))}
-
-
-def load_compressed_model(
-    state: Mapping[str, torch.Tensor], config: PretrainedConfig | Mapping[str, Any]
-) -> PreTrainedModel:
-    """Build the compressed base model on a client from its config and emulator_state_dict()."""
-    config = _as_config(config)
-    present = _layer_indices_in(list(state))
-    expected = set(range(config.num_hidden_layers))
-    if present != expected:
-        raise ValueError(
-            f"state holds decoder layers {sorted(present)} but config.num_hidden_layers="
-            f"{config.num_hidden_layers}; pass the compressed model's config"
-        )
-    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(dict(state), strict=True)
-    model.tie_weights()
-    return model
-
-
-def save_compressed_model(
-    model: PreTrainedModel, folder: str | Path, plan: SplitPlan | None = None
-) -> Path:
-    """Cache the compressed base model as safetensors (and the split plan, when given)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _unwrap(model).save_pretrained(folder)
-    if plan is not None:
-        (folder / PLAN_FILE).write_text(json.dumps(plan.to_dict()))
-    return folder
-
-
-def load_compressed_model_from_folder(folder: str | Path, **from_pretrained_kwargs: Any):
-    """Load a cached compressed model, e.g. with ``quantization_config=BitsAndBytesConfig(...)``."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no config.json: not a saved compressed model")
-    return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs)
-
-
 def load_split_plan(folder: str | Path) -> SplitPlan:
-    """The split plan stored next to a cached compressed model."""
+    """The split plan stored in an emulator folder (next to the compressed model)."""
     path = Path(folder) / PLAN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: save the model with plan=...")
+        raise FileNotFoundError(f"{path} not found: not a FedBiOT emulator folder")
     return SplitPlan.from_dict(json.loads(path.read_text()))
 
 
@@ -332,21 +277,4 @@ def adapter_to_full_model_state(
                 f"(adapter layers are {n_emu}..{plan.num_compressed_layers - 1})"
             )
         renamed[_with_layer(key, plan.adapter_layers[j - n_emu])] = value
-    return renamed
-
-
-def full_to_adapter_state(
-    full_lora_state: Mapping[str, torch.Tensor], plan: SplitPlan
-) -> dict[str, torch.Tensor]:
-    """Rename adapter LoRA keys from full-model layers to compressed-model layers."""
-    position = {full: len(plan.emulator_layers) + k for k, full in enumerate(plan.adapter_layers)}
-    renamed = {}
-    for key, value in full_lora_state.items():
-        i = _layer_of(key)
-        if i not in position:
-            raise ValueError(
-                f"key {key!r} is in full-model layer {i}, not an adapter layer "
-                f"{list(plan.adapter_layers)}"
-            )
-        renamed[_with_layer(key, position[i])] = value
     return renamed

@@ -3,11 +3,12 @@ of a fixed size or matched to another run's sample counts."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from fedinstruct.server.output import METRICS_FILE, read_metrics
 
 
 def _check_size(n: int) -> None:
@@ -54,19 +55,14 @@ def matched_counts(run: str | Path, num_rounds: int) -> dict[int, list[int]]:
     of a round is indexed by partition id; -1 marks a partition that did not train then.
     """
     path = Path(run).expanduser()
-    path = path / "metrics.jsonl" if path.is_dir() else path
+    path = path / METRICS_FILE if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{run}: neither a run folder with metrics.jsonl nor that file")
-    per_round: dict[int, dict[str, int]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number} is not JSON: {err}") from None
-        if "train_samples_per_client" in row:
-            per_round[int(row["round"])] = row["train_samples_per_client"]
+        raise FileNotFoundError(f"{run}: neither a run folder with {METRICS_FILE} nor that file")
+    per_round: dict[int, dict[str, int]] = {
+        int(row["round"]): row["train_samples_per_client"]
+        for row in read_metrics(path)
+        if "train_samples_per_client" in row
+    }
     schedule: dict[int, list[int]] = {}
     for server_round in range(1, num_rounds + 1):
         if server_round not in per_round:

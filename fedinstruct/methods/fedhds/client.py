@@ -14,8 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedinstruct.client.cache import LoadedModel
-from fedinstruct.client.local import LocalClient
+from fedinstruct.client.local import LoadedModel, LocalClient
 from fedinstruct.methods.base import ClientSelection
 from fedinstruct.methods.fedhds.baselines import random_indices
 from fedinstruct.methods.fedhds.clustering import (
@@ -41,13 +40,6 @@ def _stored_rows(context: Context) -> list[int] | None:
     if ROWS_KEY not in context.state:
         return None
     return [r for r in context.state[ROWS_KEY]["rows"] if r >= 0]
-
-
-class AllRows(ClientSelection):
-    """Every local row, every round (FedIT's setting)."""
-
-    def rows(self, client: LocalClient, context: Context, instruction: Instruction) -> list[int]:
-        return list(range(len(client.dataset)))
 
 
 class RandomRows(ClientSelection):

