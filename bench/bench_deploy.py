@@ -19,7 +19,6 @@ Target: from round 2 on, the deployment's round at most 1.2x the simulation's.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -56,7 +55,9 @@ def as_hydra(config: dict[str, str | int]) -> list[str]:
 
 
 def read_rows(folder: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    from fedinstruct.server.output import read_metrics
+
+    rows = read_metrics(folder)
     return [r for r in rows if r["round"] >= 1]
 
 

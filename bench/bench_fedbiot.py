@@ -98,10 +98,10 @@ def public_rows(args: argparse.Namespace, folder: Path) -> Path | None:
 
 def federate(cfg_overrides: list[str]) -> list[dict]:
     from fedinstruct.config import compose_config
+    from fedinstruct.server.output import read_metrics
     from fedinstruct.simulation import simulate
 
-    folder = simulate(compose_config(cfg_overrides))
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(simulate(compose_config(cfg_overrides)))
 
 
 def emulator_folder(cfg_overrides: list[str]) -> Path:

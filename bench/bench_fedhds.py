@@ -128,9 +128,8 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
         info["clients"].append((len(keep), len(data)))
     test = load_prepartitioned_test(args.data)
     if args.zero_shot:
-        test = concatenate_datasets(
-            [test.filter(lambda row: row["category"] == args.zero_shot), *unseen]
-        )
+        same = test.filter(lambda row: row["category"] == args.zero_shot)
+        test = concatenate_datasets([same, *unseen])
         if len(test) == 0:
             raise SystemExit(f"--zero-shot {args.zero_shot!r}: no row has that category")
     fits = fitting_rows(test, tokenizer, args.max_length)
@@ -167,9 +166,8 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, folder: Path,
         "dataset=dolly",
         "dataset.partitioner=prepartitioned",
         f"dataset.source={data}",
-        f"federation.num_clients={args.clients}",
-        f"federation.min_train_nodes={args.clients}",
-        f"federation.min_available_nodes={args.clients}",
+        *(f"federation.{key}={args.clients}"
+          for key in ("num_clients", "min_train_nodes", "min_available_nodes")),
         "federation.client_cpus=1",  # two single-threaded clients at a time on two cores
         "train.local_steps=0",
         f"train.batch_size={args.batch_size}",
@@ -184,12 +182,9 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, folder: Path,
     coreset = [*common, f"train.local_epochs={args.coreset_epochs}"]
     if variant == RANDOM:
         return [*coreset, "selection=random", f"selection.random.match_run={match_run}"]
-    fedhds = [
-        "selection.fedhds.reducer=tsne",
-        "selection.fedhds.min_cluster_size=2",
-        "selection.fedhds.server_min_cluster_size=2",
-        f"selection.fedhds.pca_dims={args.pca_dims or 'null'}",
-    ]
+    fedhds = ["selection.fedhds.reducer=tsne", "selection.fedhds.min_cluster_size=2",
+              "selection.fedhds.server_min_cluster_size=2",
+              f"selection.fedhds.pca_dims={args.pca_dims or 'null'}"]
     if variant in (FEDHDS, FEDHDS_2):
         every = 2 if variant == FEDHDS_2 else 1
         return [*coreset, "selection=fedhds", "selection.fedhds.feature_model=global",
@@ -200,14 +195,13 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, folder: Path,
 def federate(run_overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
     """Run one federation in this process; its metrics rows and its wall time."""
     from fedinstruct.config import compose_config
-    from fedinstruct.server.output import RunOutput
+    from fedinstruct.server.output import read_metrics
     from fedinstruct.simulation import simulate
 
     cfg = compose_config(run_overrides)
     start = time.perf_counter()
     folder = simulate(cfg)
-    wall = time.perf_counter() - start
-    return RunOutput(folder).read_metrics(), wall
+    return read_metrics(folder), time.perf_counter() - start
 
 
 def summarize(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -247,7 +241,6 @@ def target_lines(name: str, results: dict[str, dict[str, Any]]) -> list[str]:
     share = method["samples"] / full_distinct if full_distinct else float("inf")
     time_ratio = method["method_s"] / full["method_s"] if full["method_s"] else float("inf")
     wall_ratio = method["wall_s"] / full["wall_s"]
-
     equal = " at equal count" if method["samples"] == rand["samples"] else " (at FedHDS's count)"
 
     def verdict(ok: bool) -> str:

@@ -111,6 +111,7 @@ def client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, fl
 
 def simulation(rounds: int, clients: int, steps: int, folder: Path) -> list[dict]:
     from fedinstruct.config import compose_config
+    from fedinstruct.server.output import read_metrics
     from fedinstruct.simulation import simulate
 
     cfg = compose_config(
@@ -125,7 +126,7 @@ def simulation(rounds: int, clients: int, steps: int, folder: Path) -> list[dict
         ]
     )
     simulate(cfg)
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(folder)
 
 
 def main() -> None:

@@ -44,8 +44,11 @@ register() {
 
 warm_supernode() {
   # Until the server is up (or if it fails) the launchers run Flower's command cold.
-  sock=/tmp/fedinstruct-warm/node.sock
-  shims=/tmp/fedinstruct-warm/bin
+  # A folder of its own (short: Unix socket paths are limited); it also holds the server's
+  # prewarm hints (node.hint.json).
+  dir=$(mktemp -d /tmp/fedinstruct-warm.XXXXXX)
+  sock=$dir/node.sock
+  shims=$dir/bin
   python -m fedinstruct.deploy.warm flwr-clientapp --socket "$sock" --shims "$shims" \
     --app fedinstruct.client_app --exit-with-parent &
   PATH=$shims:$PATH

@@ -9,7 +9,6 @@ A sweep ends with a summary table of all jobs (also written as summary.md in the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 
 from fedinstruct.config import CONF_DIR, ConfigError, to_run_config
 from fedinstruct.logs import setup_logging
-from fedinstruct.server.output import METRICS_FILE
+from fedinstruct.server.output import read_metrics
 
 log = logging.getLogger("fedinstruct.cli")
 
@@ -50,17 +49,10 @@ def _run(cfg: DictConfig) -> float | None:
     from fedinstruct.simulation import simulate  # heavy imports after the config is valid
 
     folder = simulate(run_config)
-    rows = _read_rows(folder)
+    rows = read_metrics(folder)
     final = rows[-1] if rows else {}
     log.info("Run folder: %s", folder)
     return final.get("eval_rougeL")
-
-
-def _read_rows(folder: Path) -> list[dict[str, Any]]:
-    path = Path(folder) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class SweepSummary(Callback):
@@ -77,7 +69,7 @@ class SweepSummary(Callback):
                 if overrides_file.exists()
                 else ""
             )
-            rows = _read_rows(job_dir)
+            rows = read_metrics(job_dir)
             final = rows[-1] if rows else {}
             cells = [_fmt(final.get(key)) for key in SUMMARY_KEYS]
             lines.append(f"| {job_dir.name} | {overrides} | " + " | ".join(cells) + " |")

@@ -23,6 +23,7 @@ from fedinstruct.config import RunConfig, config_from_run_config
 from fedinstruct.logs import setup_logging
 from fedinstruct.methods.base import client_method
 from fedinstruct.protocol import (
+    WEIGHT,
     Instruction,
     evaluate_reply,
     layout_of,
@@ -64,7 +65,7 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     if loaded.upload is not None:
         state = loaded.upload(state)
     return train_reply(msg, state, {
-        "num-examples": result.distinct_examples,
+        WEIGHT: result.distinct_examples,
         "examples-seen": result.examples_seen,
         "train-loss": result.loss if result.steps else 0.0,
         "train-steps": result.steps,

@@ -1,10 +1,9 @@
 """Typed run configuration, and the bridge between Hydra's `conf/` tree and Flower's run_config.
 
-The dataclasses below are the one place defaults live. Hydra composes `conf/` against them
-(registered as the `schema` node): `conf/` only picks (group choices, and the values a group
-file changes, such as `model=tiny`'s name), so an unknown key or a value of the wrong type
-fails at compose time, before any model is loaded. `OmegaConf.to_object` then builds the
-dataclasses, whose `__post_init__` checks value ranges.
+The dataclasses below are the one place defaults live; `conf/` only picks (group choices, and
+the values a group file changes). Hydra composes `conf/` against them (the `schema` node), so an
+unknown key or a value of the wrong type fails at compose time, before any model is loaded;
+`OmegaConf.to_object` then builds the dataclasses, whose `__post_init__` checks value ranges.
 """
 
 from __future__ import annotations
@@ -23,17 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "dataset", "strategy", "selection", "federation")
-# Flower run_config keys that are not Hydra keys.
-RUN_CONFIG_OVERRIDES_KEY = "overrides"
+RUN_CONFIG_OVERRIDES_KEY = "overrides"  # the Flower run_config key that is no Hydra key
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "prepartitioned")
+SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedavgm", "fedprox")
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
-def _choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = tuple(allowed)
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
@@ -53,9 +52,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     layers_to_transform: list[int] | None = None  # decoder layer indices with LoRA (null: all)
 
     def __post_init__(self) -> None:
@@ -64,12 +61,11 @@ class LoraSettings:
         _fraction("model.lora.dropout", self.dropout)
         if not self.target_modules:
             raise ConfigError("model.lora.target_modules must name at least one module")
-        if self.layers_to_transform is not None and (
-            not self.layers_to_transform or min(self.layers_to_transform) < 0
-        ):
+        layers = self.layers_to_transform
+        if layers is not None and (not layers or min(layers) < 0):
             raise ConfigError(
                 "model.lora.layers_to_transform must list layer indices >= 0 (or be null), "
-                f"got {self.layers_to_transform}"
+                f"got {layers}"
             )
 
 
@@ -123,21 +119,16 @@ class DatasetSettings:
     def __post_init__(self) -> None:
         _choice("dataset.name", self.name, ("synthetic", "dolly", "alpaca", "custom"))
         _choice("dataset.format", self.format, ("auto", "dolly", "alpaca", "generic"))
-        _choice(
-            "dataset.partitioner",
-            self.partitioner,
-            ("iid", "dirichlet", "pathological", "prepartitioned"),
-        )
+        _choice("dataset.partitioner", self.partitioner, PARTITIONERS)
         _positive("dataset.alpha", self.alpha)
         _positive("dataset.shards_per_partition", self.shards_per_partition)
         _positive("dataset.samples_per_client", self.samples_per_client)
         _fraction("dataset.test_fraction", self.test_fraction)
         if self.name != "synthetic" and not self.source:
             raise ConfigError(f"dataset.source is required for dataset={self.name}")
+        needs_label = f"dataset.label_column is required for partitioner={self.partitioner}"
         if self.partitioner in ("dirichlet", "pathological") and not self.label_column:
-            raise ConfigError(
-                f"dataset.label_column is required for partitioner={self.partitioner}"
-            )
+            raise ConfigError(needs_label)
 
 
 @dataclass
@@ -152,11 +143,9 @@ class FedBiOTSettings:
     layerwise: bool = False
     proximal_eps: float = 0.01
     uniform_weights: bool = False
-    # alignment data: `synthetic` or a dataset file/folder/hub id, never the clients'
-    public_dataset: str = "synthetic"
+    public_dataset: str = "synthetic"  # alignment data: a dataset (or synthetic), not the clients'
     public_samples: int = 64
-    # a prepared emulator folder on every client; null: the server sends it once, then cached
-    emulator_path: str | None = None
+    emulator_path: str | None = None  # a prepared emulator folder (null: sent once, then cached)
 
     def __post_init__(self) -> None:
         _positive("strategy.fedbiot.adapter_layers", self.adapter_layers)
@@ -189,11 +178,7 @@ class StrategySettings:
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, ("fedit", "fedbiot"))
-        _choice(
-            "strategy.server_optimizer",
-            self.server_optimizer,
-            ("none", "fedadam", "fedyogi", "fedavgm", "fedprox"),
-        )
+        _choice("strategy.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _positive("strategy.server_lr", self.server_lr)
         if self.name == "fedbiot" and self.server_optimizer != "none":
             raise ConfigError(
@@ -204,7 +189,7 @@ class StrategySettings:
 
 @dataclass
 class FedHDSSettings:
-    # global: last-token hidden states of every layer of the global model; null: the offline
+    # global: the global model's last-token hidden states of every layer; null: the offline
     # all-MiniLM-L6-v2 (FedHDS-Turbo); or any hub id / local folder of a sentence embedder
     feature_model: str | None = "global"
     reducer: str = "tsne"  # tsne | pca
@@ -217,10 +202,9 @@ class FedHDSSettings:
 
     def __post_init__(self) -> None:
         _choice("selection.fedhds.reducer", self.reducer, ("tsne", "pca"))
-        if self.min_cluster_size < 2:
-            raise ConfigError("selection.fedhds.min_cluster_size must be >= 2")
-        if self.server_min_cluster_size < 2:
-            raise ConfigError("selection.fedhds.server_min_cluster_size must be >= 2")
+        for name in ("min_cluster_size", "server_min_cluster_size"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"selection.fedhds.{name} must be >= 2")
         _positive("selection.fedhds.noise_sigma", self.noise_sigma, allow_zero=True)
 
 
@@ -310,9 +294,7 @@ class EvalSettings:
     batch_size: int = 8
     federated: bool = False  # also evaluate on each client's held-out share
     federated_fraction: float = 0.1
-    # The server needs no GPU: it evaluates adapters on the unquantized base (on CPU,
-    # bitsandbytes' NF4 inference path is about 3x slower than dense fp32).
-    quantized_base: bool = False
+    quantized_base: bool = False  # the server evaluates on the dense base: CPU NF4 is ~3x slower
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_zero=True)
@@ -363,11 +345,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 def compose_config(overrides: Iterable[str] = ()) -> RunConfig:
     """Compose `conf/` with Hydra overrides (`key=value`), validated."""
-    overrides = list(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_omegaconf_message(err)) from err
     finally:
@@ -376,12 +357,9 @@ def compose_config(overrides: Iterable[str] = ()) -> RunConfig:
 
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
-    """Turn Flower's flat run_config into Hydra overrides.
-
-    Group choices (`model = "tiny"`) become group overrides; other keys (`train.lr = 0.001`)
-    become value overrides; empty strings mean "keep conf/'s value"; the free-form
-    `overrides` key carries any further Hydra overrides separated by spaces.
-    """
+    """Flower's flat run_config as Hydra overrides: `model = "tiny"` picks a group file,
+    `train.lr = 0.001` sets a value, "" keeps the configured value, and `overrides` carries
+    any further Hydra overrides, separated by spaces."""
     overrides: list[str] = []
     extra = str(run_config.get(RUN_CONFIG_OVERRIDES_KEY, "") or "")
     for key, value in run_config.items():
@@ -414,8 +392,7 @@ def _omegaconf_message(err: Exception) -> str:
         causes.append(cause)
         cause = cause.__cause__
     first_line = str(err).strip().splitlines()[0]
-    unknown = re.match(r"Could not override '([^']+)'", first_line)
-    if unknown:
+    if unknown := re.match(r"Could not override '([^']+)'", first_line):
         return f"unknown config key '{unknown.group(1)}'"
     details = [str(c).strip().splitlines()[0] for c in causes[1:] if str(c).strip()]
     return "; ".join(["invalid configuration: " + first_line, *details])

@@ -90,7 +90,11 @@ def atomic_folder(
         if replace and target.exists():
             old = _temp_sibling(target)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             try:

@@ -1,7 +1,7 @@
 """Base-model loading (hub, local folder, GGUF, tiny), quantization and LoRA.
 
-A process loads and quantizes its base model once (`BaseModelCache`) and swaps adapters in
-and out of it; the server builds the initial adapter from the model's config alone.
+A process loads and quantizes its base model once (`fedinstruct.client.local`) and swaps
+adapters in and out of it; the server builds the initial adapter from the model's config alone.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 import time
-import types
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,26 +32,12 @@ from transformers import (
 )
 
 from fedinstruct.config import ModelSettings
+from fedinstruct.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny"
-
-
-PROCESS_CACHE = "_fedinstruct_process_cache"
-
-
-def process_cache(name: str) -> dict:
-    """A dict that lives as long as the process, even across re-imports of fedinstruct.
-
-    A deployment's warm app server loads a run's base model between messages, drops
-    fedinstruct's modules and forks the next task from itself; the task imports the run's own
-    code and finds the model here, shared copy-on-write (see `fedinstruct.deploy.warm`).
-    Only library objects (models, tokenizers) belong here, never fedinstruct's own classes.
-    """
-    holder = sys.modules.setdefault(PROCESS_CACHE, types.ModuleType(PROCESS_CACHE))
-    return holder.__dict__.setdefault(name, {})
 
 
 def cache_root() -> Path:
@@ -71,24 +53,6 @@ def device() -> torch.device:
 def compute_dtype() -> torch.dtype:
     """bf16 on CUDA; fp32 on CPU, where bf16 matmuls are several times slower."""
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def _atomic_save(build: callable, target: Path) -> Path:
-    """Save into a temp folder then rename, so a crash never leaves a half-written model."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def smollm2_gguf_folder() -> Path:
@@ -121,7 +85,7 @@ def converted_smollm2() -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _atomic_save(convert, cache_root() / "models" / "SmolLM2-135M-Instruct")
+    return atomic_folder(cache_root() / "models" / "SmolLM2-135M-Instruct", convert)
 
 
 def tiny_model_folder(settings: ModelSettings) -> Path:
@@ -149,7 +113,7 @@ def tiny_model_folder(settings: ModelSettings) -> Path:
         LlamaForCausalLM(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _atomic_save(build, cache_root() / "models" / f"tiny-llama-{key}")
+    return atomic_folder(cache_root() / "models" / f"tiny-llama-{key}", build)
 
 
 @functools.cache
@@ -238,7 +202,7 @@ def load_base_model(
     if qconfig is None:
         model.to(device())
     if prequantized is not None and source == path:
-        _atomic_save(model.save_pretrained, prequantized)
+        atomic_folder(prequantized, model.save_pretrained)
     model.requires_grad_(False)
     model.config.use_cache = False
     log.info(

@@ -19,7 +19,7 @@ def _run(args, cwd):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Hydra sweep of two training runs
 def test_sweep_runs_each_job_and_summarises(tmp_path, tiny_run):
     args = [
         "-m",
@@ -43,6 +43,7 @@ def test_sweep_runs_each_job_and_summarises(tmp_path, tiny_run):
         assert (tmp_path / "sweep" / job / "adapters" / "final" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow  # two CLI processes, ~5 s
 def test_unknown_key_and_bad_value_fail_fast_with_the_name(tmp_path):
     unknown = _run(["model=tiny", "train.lrx=1"], tmp_path)
     assert unknown.returncode != 0 and "train.lrx" in unknown.stderr

@@ -165,6 +165,7 @@ def test_tls_mounts_exactly_what_the_scripts_make(tmp_path):
         assert (Path(certs_mount["source"]) / name).is_file()
 
 
+@pytest.mark.slow  # starts Flower's commands, ~4 s
 def test_entrypoint_maps_roles_to_flower_commands():
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}

@@ -107,6 +107,7 @@ def write_echo_app(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # a real deployment
 def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(
         tmp_path, processes_with_home_under):
     app = write_echo_app(tmp_path / "app")

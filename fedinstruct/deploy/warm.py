@@ -34,27 +34,19 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import functools
 import gc
 import importlib
 import json
 import logging
 import os
-import random
 import select
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Mapping, Sequence
-from importlib.metadata import entry_points
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
 from fedinstruct.deploy.launcher import (
     EXIT,
@@ -66,19 +58,12 @@ from fedinstruct.deploy.launcher import (
     server_command,
     write_launchers,
 )
+from fedinstruct.deploy.warm_task import entry_point, leave_hints, run_child, take_hint
 
 log = logging.getLogger("fedinstruct.deploy")
 
 __all__ = ["READY", "SOCKET_ENV", "WarmServer", "leave_hints", "main", "route_to_server",
            "server_command", "take_hint"]
-
-
-def entry_point(command: str):
-    """The function a console script runs (e.g. flwr-clientapp -> flwr_clientapp)."""
-    found = entry_points(group="console_scripts", name=command)
-    if not found:
-        raise LookupError(f"no console script named {command!r} is installed")
-    return next(iter(found)).load()
 
 
 def warm_up(app_modules: Sequence[str], preload: Sequence[str] = ()) -> None:
@@ -143,106 +128,6 @@ def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
-def app_location(app_modules: Sequence[str]) -> tuple[str, Path] | None:
-    """The first of app_modules this process imported, and the folder it was imported from.
-
-    In a child that is the run's FAB (Flower puts it first on sys.path and imports the app's
-    component from it), so a hint names the code the run submitted, not the server's copy.
-    """
-    for name in app_modules:
-        file = getattr(sys.modules.get(name), "__file__", None)
-        if file:
-            path = Path(os.path.abspath(file))
-            depth = name.count(".") + (path.name == "__init__.py")
-            return name, path.parents[depth]
-    return None
-
-
-def write_hint(path: Path, module: str, app_dir: Path, run_config: Mapping[str, Any],
-               node_config: Mapping[str, Any]) -> None:
-    """Write a hint for the server at path, atomically (it never reads a half-written one)."""
-    hint = {"module": module, "app_dir": str(app_dir),
-            "run_config": dict(run_config), "node_config": dict(node_config)}
-    partial = path.with_name(f"{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(hint))
-    partial.replace(path)
-
-
-HINT_FIELDS = {"module": str, "app_dir": str, "run_config": dict, "node_config": dict}
-
-
-def take_hint(path: Path) -> dict[str, Any] | None:
-    """Read and remove the latest hint; None if there is none (or it is unreadable)."""
-    try:
-        hint = json.loads(path.read_text())
-        path.unlink()
-    except (OSError, ValueError):
-        return None
-    if not isinstance(hint, dict) or any(
-            not isinstance(hint.get(name), kind) for name, kind in HINT_FIELDS.items()):
-        return None
-    return hint
-
-
-def leave_hints(path: Path, app_modules: Sequence[str]) -> None:
-    """Make every ClientApp of this process leave a hint at path after each handled message.
-
-    Called in a forked flwr-clientapp child before Flower's entry point runs. The hint names
-    the first of app_modules the task imported (None imported: no hint), with the message's
-    run config and node config. A task that failed leaves none; a hint that cannot be written
-    is logged and never fails the task.
-    """
-    call = ClientApp.__call__
-
-    @functools.wraps(call)
-    def call_and_hint(self: ClientApp, message: Message, context: Context) -> Message:
-        reply = call(self, message, context)
-        try:
-            found = app_location(app_modules)
-            if found is not None:
-                write_hint(path, *found, context.run_config, context.node_config)
-        except Exception:
-            log.warning("could not leave a prewarm hint at %s", path, exc_info=True)
-        return reply
-
-    ClientApp.__call__ = call_and_hint
-
-
-def _run_child(request: dict, fds: list[int], threads: int, hint: Path | None,
-               app_modules: Sequence[str] = ()) -> int:
-    """In the forked child: become the requested Flower command; return its exit code."""
-    for target, fd in zip(request["fds"], fds, strict=True):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(request["cwd"])
-    log.handlers.clear()  # the server's log handler is not the child's
-    log.propagate = True
-    log.setLevel(logging.NOTSET)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    random.seed()  # a fresh process would not share its parent's random state
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed()
-    if "torch" in sys.modules:
-        sys.modules["torch"].seed()
-        sys.modules["torch"].set_num_threads(threads)
-    if hint is not None and request["command"] == "flwr-clientapp":
-        leave_hints(hint, app_modules)
-    sys.argv = [request["command"], *request["argv"]]
-    try:
-        entry_point(request["command"])()
-    except SystemExit as done:
-        code = done.code
-        if code is None or isinstance(code, int):
-            return code or 0
-        print(code, file=sys.stderr)
-        return 1
-    except BaseException:
-        traceback.print_exc()
-        return 1
-    return 0
-
-
 class WarmServer:
     """Accepts launcher requests on a Unix socket and forks a child for each (one thread)."""
 
@@ -253,7 +138,7 @@ class WarmServer:
         self.apps = list(apps)  # app modules whose `prewarm` hook a hint may name
         self.parent = parent  # stop once this process (e.g. the SuperNode) is gone
         self.threads = threads  # each child's math-library thread count
-        # where the children's hints go (prewarm=True and flwr-clientapp served)
+        # where the children leave their hints (main: prewarm=True when flwr-clientapp is served)
         self.hint = socket_path.with_suffix(".hint.json") if prewarm and self.apps else None
         self.prewarmed = ""  # the hint last acted on
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
@@ -324,7 +209,7 @@ class WarmServer:
                     other.close()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                code = _run_child(request, fds, self.threads, self.hint, self.apps)
+                code = run_child(request, fds, self.threads, self.hint, self.apps)
             finally:
                 with contextlib.suppress(OSError):
                     sys.stdout.flush()

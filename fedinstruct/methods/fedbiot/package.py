@@ -24,8 +24,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedinstruct.files import atomic_folder
 from fedinstruct.methods.fedbiot.split import PLAN_FILE, SplitPlan, emulator_state_dict
-from fedinstruct.model import _atomic_save, cache_root
+from fedinstruct.model import cache_root
 from fedinstruct.protocol import (
     CONFIG_RECORD,
     EMULATOR_RECORD,
@@ -168,7 +169,7 @@ def _unpack(content: RecordDict, config: ConfigRecord, fingerprint: str) -> Path
         write_folder(folder, state, model_config, plan, files, fingerprint)
         log.info("FedBiOT emulator received and cached in %s", target)
 
-    return _atomic_save(build, target)  # a crash never leaves a partial folder
+    return atomic_folder(target, build)  # a crash never leaves a partial folder
 
 
 def emulator_folder(emulator_path: str | None, content: RecordDict) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .baselines import all_indices, matched_counts, random_indices
+from .baselines import matched_counts, random_indices
 from .clustering import (
     LocalClustering,
     cluster_client,
@@ -30,7 +30,6 @@ _FEATURE_NAMES = (
 
 __all__ = [
     "LocalClustering",
-    "all_indices",
     "cluster_client",
     "cluster_points",
     "coreset_indices",

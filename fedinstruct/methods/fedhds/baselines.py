@@ -16,12 +16,6 @@ def _check_size(n: int) -> None:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
 
 
-def all_indices(n: int) -> list[int]:
-    """Every sample of a client's dataset: the full-data baseline."""
-    _check_size(n)
-    return list(range(n))
-
-
 def random_indices(
     n: int, *, ratio: float | None = None, count: int | None = None, seed: int = 0
 ) -> list[int]:
