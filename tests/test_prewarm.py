@@ -21,7 +21,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedinstruct.deploy import LocalDeployment
-from fedinstruct.deploy.warm import WarmServer, app_location, leave_hints, take_hint, write_hint
+from fedinstruct.deploy.warm import WarmServer
+from fedinstruct.deploy.warm_task import app_location, leave_hints, take_hint, write_hint
 
 PYPROJECT = """
 [build-system]

@@ -1,13 +1,16 @@
 """Deploy fedinstruct on a real SuperLink + SuperNodes topology.
 
 - `local`: `LocalDeployment`, every component as its own process (and network namespace) here;
+- `components`: starting, waiting for and restarting the SuperLink, SuperNodes (`NodeHandle`)
+  and their warm app servers (`warm`: the server, `warm_task`: its forked tasks);
 - `topology`: the command lines of each component, shared with the generated Compose files;
 - `run`: submitted runs (`RunHandle`, `RunResult`);
 - `process`: starting, watching and stopping the Flower processes;
 - `network`: network namespaces bridged together, or loopback addresses as a fallback.
 """
 
-from fedinstruct.deploy.local import LocalDeployment, NodeHandle
+from fedinstruct.deploy.components import NodeHandle
+from fedinstruct.deploy.local import LocalDeployment
 from fedinstruct.deploy.network import NetworkError, netns_unavailable_reason
 from fedinstruct.deploy.process import DeploymentError
 from fedinstruct.deploy.run import CONNECTION, RunHandle, RunResult, RunTimeout

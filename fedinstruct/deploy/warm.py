@@ -24,6 +24,9 @@ which forks a child that runs Flower's real entry point and reports its exit cod
   fork (a child forked after a multi-threaded op hangs in its first one). Each child gets its
   thread count back (OMP_NUM_THREADS, else the default) before it runs.
 
+This module is the server (and its command line); what a forked child does, and the hints it
+leaves, is `fedinstruct.deploy.warm_task`.
+
     python -m fedinstruct.deploy.warm flwr-clientapp --app fedinstruct.client_app \\
         --socket /run/fi/node.sock --shims /run/fi/bin
     PATH=/run/fi/bin:$PATH FEDINSTRUCT_WARM_SOCKET=/run/fi/node.sock flower-supernode ...
