@@ -1,0 +1,1 @@
+"""fedinstruct: federated instruction tuning of LLMs on Flower."""

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from fedinstruct.config import compose_config
@@ -17,7 +16,6 @@ from fedinstruct.simulation import simulate
 pytestmark = pytest.mark.slow  # real Flower simulations
 
 SETTINGS = [
-    *TINY_RUN,
     "federation.num_clients=2",
     "federation.min_train_nodes=2",
     "federation.min_available_nodes=2",
@@ -34,9 +32,13 @@ SETTINGS = [
 ]
 
 
-def run(folder, rounds: int, *extra: str):
-    return simulate(compose_config([*SETTINGS, f"num_rounds={rounds}", f"output_dir={folder}",
-                                    *extra]))
+@pytest.fixture
+def run(tiny_run):
+    def start(folder, rounds: int, *extra: str):
+        return simulate(compose_config([*tiny_run, *SETTINGS, f"num_rounds={rounds}",
+                                        f"output_dir={folder}", *extra]))
+
+    return start
 
 
 def final_adapter(folder) -> dict[str, torch.Tensor]:
@@ -47,7 +49,7 @@ def rows(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resumed_fedadam_fedhds_run_matches_the_uninterrupted_run(tmp_path):
+def test_resumed_fedadam_fedhds_run_matches_the_uninterrupted_run(tmp_path, run):
     straight = run(tmp_path / "straight", 4)
     stopped = run(tmp_path / "resumed", 2)
     after_two = final_adapter(stopped)

@@ -1,0 +1,1 @@
+"""The ServerApp's side: the round loop, held-out evaluation and the run's output folder."""
