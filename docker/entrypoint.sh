@@ -44,9 +44,9 @@ register() {
 
 warm_supernode() {
   # Until the server is up (or if it fails) the launchers run Flower's command cold.
-  # A folder of its own (short: Unix socket paths are limited); it also holds the server's
-  # prewarm hints (node.hint.json).
-  dir=$(mktemp -d /tmp/fedinstruct-warm.XXXXXX)
+  # A fresh folder of its own, mode 700 (the server refuses a folder others can enter; short:
+  # Unix socket paths are limited); it also holds the server's prewarm hints (node.hint.json).
+  dir=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/fedinstruct-warm.XXXXXX")
   sock=$dir/node.sock
   shims=$dir/bin
   python -m fedinstruct.deploy.warm flwr-clientapp --socket "$sock" --shims "$shims" \

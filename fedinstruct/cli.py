@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fedinstruct.config import CONF_DIR, ConfigError, to_run_config
 from fedinstruct.logs import setup_logging
-from fedinstruct.server.output import read_metrics
+from fedinstruct.server.output import OutputInUse, read_metrics
 
 log = logging.getLogger("fedinstruct.cli")
 
@@ -48,7 +48,11 @@ def _run(cfg: DictConfig) -> float | None:
         sys.exit(2)
     from fedinstruct.simulation import simulate  # heavy imports after the config is valid
 
-    folder = simulate(run_config)
+    try:
+        folder = simulate(run_config)  # resume=true without a checkpoint, a locked output_dir
+    except (ConfigError, OutputInUse) as err:
+        print(f"fedinstruct: cannot run: {err}", file=sys.stderr)
+        sys.exit(2)
     rows = read_metrics(folder)
     final = rows[-1] if rows else {}
     log.info("Run folder: %s", folder)

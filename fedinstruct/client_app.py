@@ -38,7 +38,7 @@ def _prepare(cfg: RunConfig, msg: Message, context: Context
     """The message read, this partition's data and the model to work on."""
     instruction = read_instruction(msg)
     client = NODE.client(cfg, context.node_config)
-    loaded, fresh = client_method(cfg)[0].model(instruction)
+    loaded, fresh = client_method(cfg)[0].model(instruction, context.node_config)
     client.prepare(loaded.tokenizer)
     return instruction, client, loaded, fresh
 

@@ -26,6 +26,7 @@ RUN_CONFIG_OVERRIDES_KEY = "overrides"  # the Flower run_config key that is no H
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "prepartitioned")
 SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedavgm", "fedprox")
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
 
 class ConfigError(ValueError):
@@ -37,14 +38,19 @@ def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+_RANGES: dict[str, Any] = {  # a rule's text is also its error message; NaN fails every rule
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "> 1": lambda v: v > 1,
+    ">= 2": lambda v: v >= 2, "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 0.5)": lambda v: 0 <= v < 0.5,
+}
 
 
-def _fraction(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+def _check(section: str, settings: Any, **ranges: str) -> None:
+    """`_check("train", self, lr="> 0")`: each named field (None: unset, skipped) in its range."""
+    for name, rule in ranges.items():
+        if (value := getattr(settings, name)) is not None and not _RANGES[rule](value):
+            raise ConfigError(f"{section}.{name}".lstrip(".") + f" must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -56,17 +62,12 @@ class LoraSettings:
     layers_to_transform: list[int] | None = None  # decoder layer indices with LoRA (null: all)
 
     def __post_init__(self) -> None:
-        _positive("model.lora.r", self.r)
-        _positive("model.lora.alpha", self.alpha)
-        _fraction("model.lora.dropout", self.dropout)
+        _check("model.lora", self, r="> 0", alpha="> 0", dropout="in [0, 1)")
         if not self.target_modules:
             raise ConfigError("model.lora.target_modules must name at least one module")
-        layers = self.layers_to_transform
-        if layers is not None and (not layers or min(layers) < 0):
-            raise ConfigError(
-                "model.lora.layers_to_transform must list layer indices >= 0 (or be null), "
-                f"got {layers}"
-            )
+        if (layers := self.layers_to_transform) is not None and (not layers or min(layers) < 0):
+            raise ConfigError("model.lora.layers_to_transform must list layer indices >= 0 "
+                              f"(or be null), got {layers}")
 
 
 @dataclass
@@ -76,6 +77,13 @@ class TinySettings:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+
+    def __post_init__(self) -> None:
+        _check("model.tiny", self, **dict.fromkeys(vars(self), "> 0"))
+        if self.hidden_size % self.num_attention_heads or (
+                self.num_attention_heads % self.num_key_value_heads):
+            raise ConfigError("model.tiny: hidden_size must be a multiple of num_attention_heads"
+                              ", and num_attention_heads a multiple of num_key_value_heads")
 
 
 @dataclass
@@ -120,15 +128,13 @@ class DatasetSettings:
         _choice("dataset.name", self.name, ("synthetic", "dolly", "alpaca", "custom"))
         _choice("dataset.format", self.format, ("auto", "dolly", "alpaca", "generic"))
         _choice("dataset.partitioner", self.partitioner, PARTITIONERS)
-        _positive("dataset.alpha", self.alpha)
-        _positive("dataset.shards_per_partition", self.shards_per_partition)
-        _positive("dataset.samples_per_client", self.samples_per_client)
-        _fraction("dataset.test_fraction", self.test_fraction)
+        _check("dataset", self, alpha="> 0", shards_per_partition="> 0",
+               holdout_per_category=">= 0", test_fraction="in (0, 1)",
+               samples_per_client="> 0", test_samples=">= 0")
         if self.name != "synthetic" and not self.source:
             raise ConfigError(f"dataset.source is required for dataset={self.name}")
-        needs_label = f"dataset.label_column is required for partitioner={self.partitioner}"
         if self.partitioner in ("dirichlet", "pathological") and not self.label_column:
-            raise ConfigError(needs_label)
+            raise ConfigError(f"dataset.label_column is needed for partitioner={self.partitioner}")
 
 
 @dataclass
@@ -148,17 +154,9 @@ class FedBiOTSettings:
     emulator_path: str | None = None  # a prepared emulator folder (null: sent once, then cached)
 
     def __post_init__(self) -> None:
-        _positive("strategy.fedbiot.adapter_layers", self.adapter_layers)
-        if not 0.0 <= self.drop_ratio < 1.0:
-            raise ConfigError(
-                f"strategy.fedbiot.drop_ratio must be in [0, 1), got {self.drop_ratio}"
-            )
-        _positive("strategy.fedbiot.pre_align_steps", self.pre_align_steps, allow_zero=True)
-        _positive("strategy.fedbiot.align_steps", self.align_steps, allow_zero=True)
-        _positive("strategy.fedbiot.proximal_eps", self.proximal_eps, allow_zero=True)
-        _positive("strategy.fedbiot.align_lr", self.align_lr)
-        _positive("strategy.fedbiot.kl_weight", self.kl_weight, allow_zero=True)
-        _positive("strategy.fedbiot.public_samples", self.public_samples)
+        _check("strategy.fedbiot", self, adapter_layers="> 0", drop_ratio="in [0, 1)",
+               pre_align_steps=">= 0", align_steps=">= 0", align_lr="> 0", kl_weight=">= 0",
+               proximal_eps=">= 0", public_samples="> 0")
         if not self.public_dataset:
             raise ConfigError("strategy.fedbiot.public_dataset must be 'synthetic' or a dataset")
 
@@ -174,17 +172,28 @@ class StrategySettings:
     beta_2: float = 0.99
     tau: float = 1e-3
     reject_norm_ratio: float = 10.0  # reject an update whose norm is over this x the median
+    # mean (FedAvg) | median | trimmed_mean: coordinate-wise (Flower's FedMedian/FedTrimmedAvg)
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2  # trimmed_mean: the fraction cut at each end, per coordinate
+    # an update farther from the global adapter than this x the previous round's global update
+    # norm is scaled down to that distance (0: off); protects where a median cannot (< 3 nodes)
+    norm_bound: float = 3.0
     fedbiot: FedBiOTSettings = field(default_factory=FedBiOTSettings)
 
     def __post_init__(self) -> None:
         _choice("strategy.name", self.name, ("fedit", "fedbiot"))
         _choice("strategy.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        _positive("strategy.server_lr", self.server_lr)
-        if self.name == "fedbiot" and self.server_optimizer != "none":
-            raise ConfigError(
-                "strategy.server_optimizer must be 'none' with strategy=fedbiot (its server merges "
-                f"the averaged adapter with the aligned emulator), got {self.server_optimizer!r}"
-            )
+        _choice("strategy.aggregation", self.aggregation, AGGREGATIONS)
+        _check("strategy", self, server_lr="> 0", server_momentum="in [0, 1)",
+               proximal_mu=">= 0", beta_1="in [0, 1)", beta_2="in [0, 1)", tau="> 0",
+               reject_norm_ratio="> 1", trim_fraction="in [0, 0.5)", norm_bound=">= 0")
+        fedbiot, robust = self.name == "fedbiot", self.aggregation != "mean"
+        if self.server_optimizer != "none" and (fedbiot or robust):
+            why = ("strategy=fedbiot (its server merges the averaged adapter with the aligned "
+                   "emulator)" if fedbiot else f"strategy.aggregation="
+                   f"{self.aggregation} (a server optimizer steps along the mean update)")
+            raise ConfigError(f"strategy.server_optimizer must be 'none' with {why}, "
+                              f"got {self.server_optimizer!r}")
 
 
 @dataclass
@@ -199,13 +208,13 @@ class FedHDSSettings:
     noise_sigma: float = 0.0  # > 0: tanh then Gaussian noise on the centroids sent up
     feature_batch_size: int = 8
     pca_dims: int | None = None  # PCA to this many dims before t-SNE (faster on big clients)
+    max_centroids: int = 4096  # a client's selection reply with more centroids is refused
 
     def __post_init__(self) -> None:
         _choice("selection.fedhds.reducer", self.reducer, ("tsne", "pca"))
-        for name in ("min_cluster_size", "server_min_cluster_size"):
-            if getattr(self, name) < 2:
-                raise ConfigError(f"selection.fedhds.{name} must be >= 2")
-        _positive("selection.fedhds.noise_sigma", self.noise_sigma, allow_zero=True)
+        _check("selection.fedhds", self, min_cluster_size=">= 2", server_min_cluster_size=">= 2",
+               noise_sigma=">= 0", feature_batch_size="> 0", pca_dims="> 0",
+               max_centroids="> 0")
 
 
 @dataclass
@@ -220,13 +229,9 @@ class RandomSettings:
         if self.match_run is not None:
             return
         if (self.ratio is None) == (self.count is None):
-            raise ConfigError(
-                "set exactly one of selection.random.ratio and selection.random.count"
-            )
-        if self.ratio is not None:
-            _fraction("selection.random.ratio", self.ratio)
-        if self.count is not None:
-            _positive("selection.random.count", self.count)
+            raise ConfigError("set exactly one of selection.random.ratio and "
+                              "selection.random.count")
+        _check("selection.random", self, ratio="in (0, 1]", count="> 0")
 
 
 @dataclass
@@ -238,7 +243,7 @@ class SelectionSettings:
 
     def __post_init__(self) -> None:
         _choice("selection.name", self.name, ("all", "random", "fedhds"))
-        _positive("selection.reselect_every", self.reselect_every)
+        _check("selection", self, reselect_every="> 0")
 
 
 @dataclass
@@ -249,15 +254,18 @@ class FederationSettings:
     min_available_nodes: int = 2
     round_timeout: float = 3600.0  # seconds a node has to reply to a round's message
     min_replies: int = 1  # fewer replies than this within round_timeout fail the run
+    node_wait_timeout: float = 600.0  # seconds to wait for min_available_nodes to connect
     client_cpus: int = 2
     client_gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("federation.num_clients", self.num_clients)
-        _fraction("federation.fraction_train", self.fraction_train)
-        _positive("federation.min_train_nodes", self.min_train_nodes)
-        _positive("federation.round_timeout", self.round_timeout)
-        _positive("federation.min_replies", self.min_replies)
+        _check("federation", self, num_clients="> 0", fraction_train="in [0, 1]",
+               min_train_nodes="> 0", min_available_nodes="> 0", round_timeout="> 0", min_replies=
+               "> 0", node_wait_timeout="> 0", client_cpus=">= 0", client_gpus=">= 0")
+        for name in ("min_train_nodes", "min_available_nodes", "min_replies"):
+            if (value := getattr(self, name)) > self.num_clients:  # every round would wait/fail
+                raise ConfigError(f"federation.{name}={value} is more than federation."
+                                  f"num_clients={self.num_clients}: no round could ever run")
 
 
 @dataclass
@@ -275,14 +283,11 @@ class TrainSettings:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _positive("train.local_steps", self.local_steps, allow_zero=True)
-        _positive("train.local_epochs", self.local_epochs, allow_zero=True)
+        _check("train", self, local_steps=">= 0", local_epochs=">= 0", batch_size="> 0",
+               grad_accum="> 0", lr="> 0", weight_decay=">= 0", max_grad_norm=">= 0",
+               max_length="> 0")
         if self.local_steps == 0 and self.local_epochs == 0:
             raise ConfigError("set train.local_steps or train.local_epochs to a value > 0")
-        _positive("train.batch_size", self.batch_size)
-        _positive("train.grad_accum", self.grad_accum)
-        _positive("train.lr", self.lr)
-        _positive("train.max_length", self.max_length)
         _choice("train.template", self.template, ("alpaca", "chat"))
 
 
@@ -297,11 +302,8 @@ class EvalSettings:
     quantized_base: bool = False  # the server evaluates on the dense base: CPU NF4 is ~3x slower
 
     def __post_init__(self) -> None:
-        _positive("eval.every", self.every, allow_zero=True)
-        _positive("eval.max_samples", self.max_samples, allow_zero=True)
-        _positive("eval.max_new_tokens", self.max_new_tokens)
-        _positive("eval.batch_size", self.batch_size)
-        _fraction("eval.federated_fraction", self.federated_fraction)
+        _check("eval", self, every=">= 0", max_samples=">= 0", max_new_tokens="> 0",
+               batch_size="> 0", federated_fraction="in [0, 1]")
 
 
 @dataclass
@@ -321,12 +323,10 @@ class RunConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
-        _positive("num_rounds", self.num_rounds)
+        _check("", self, seed=">= 0", num_rounds="> 0")
         if self.strategy.name == "fedbiot" and self.model.lora.layers_to_transform is not None:
-            raise ConfigError(
-                "model.lora.layers_to_transform must be null with strategy=fedbiot: FedBiOT "
-                "puts LoRA on the adapter and emulator layers itself"
-            )
+            raise ConfigError("model.lora.layers_to_transform must be null with strategy=fedbiot:"
+                              " FedBiOT puts LoRA on the adapter and emulator layers itself")
 
 
 ConfigStore.instance().store(name="schema", node=RunConfig)

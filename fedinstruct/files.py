@@ -3,10 +3,16 @@
 Everything is written under a unique temporary name next to its target, flushed and fsynced,
 then renamed over the target; the parent folder is fsynced after the rename, so a finished
 write survives a crash or power loss (checkpoints and cached models depend on it).
+
+A folder that replaces another is swapped in with one atomic exchange where the OS has one
+(Linux renameat2), so the target is never absent; elsewhere the old folder is first renamed
+to a fixed name (`previous_copy`) that a reader falls back to after a crash.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -17,6 +23,47 @@ from typing import BinaryIO
 
 def _temp_sibling(target: Path) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+
+
+def previous_copy(target: str | Path) -> Path:
+    """Where a replaced folder waits, complete, while its successor is renamed into place."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.previous")
+
+
+def _discard(folder: Path) -> None:
+    """Remove a folder: first renamed away (atomic), so no half-deleted copy keeps its name."""
+    if not folder.exists():
+        return
+    doomed = _temp_sibling(folder)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc/Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the OS or file system cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -76,7 +123,9 @@ def atomic_folder(
 
     Without `replace`, an existing `target` is returned as is (`build` does not run), and when
     a concurrent builder renames its folder first, its folder is kept and ours dropped. With
-    `replace`, a finished build replaces the existing folder (briefly absent while swapped).
+    `replace`, a finished build replaces the existing folder; a crash at any point leaves the
+    old folder or the new one complete, at `target` or, where the OS cannot swap two folders
+    atomically, at `previous_copy(target)`.
     """
     target = Path(target)
     if target.exists() and not replace:
@@ -87,15 +136,22 @@ def atomic_folder(
     try:
         build(tmp)
         _fsync_tree(tmp)
-        if replace and target.exists():
-            old = _temp_sibling(target)
-            os.replace(target, old)
+        _fsync_dir(target.parent)
+        if replace and target.exists() and _exchange(tmp, target):
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, under the temporary name
+        elif replace and target.exists():
+            previous = previous_copy(target)
+            _discard(previous)  # from an interrupted swap, superseded: `target` is complete
+            os.replace(target, previous)
             try:
+                _fsync_dir(target.parent)
                 os.replace(tmp, target)
             except BaseException:
-                os.replace(old, target)
+                os.replace(previous, target)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+        elif replace:
+            os.replace(tmp, target)
         else:
             try:
                 os.rename(tmp, target)
@@ -107,4 +163,6 @@ def atomic_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(target.parent)
+    if replace:
+        _discard(previous_copy(target))  # the old folder of this or an interrupted swap
     return target

@@ -68,6 +68,10 @@ TRAIN_METRICS = (
 SELECT_METRICS = ("local-samples", "time-select")
 EVALUATE_METRICS = ("eval-loss", WEIGHT)
 CENTROID_ARRAYS = ("centroids", "cluster_ids", "weights")
+MAX_PARTITION_ID = 1 << 20  # a partition id is a list index on the server (match_run)
+MAX_CENTROID_DIM = 4096  # FedHDS clusters in a reduced space (t-SNE: 2-D)
+INTEGER_METRICS = (WEIGHT, "examples-seen", "train-steps", "train-tokens", "local-samples",
+                   "truncated", "dropped", "partition-id")
 
 PACKED = "packed"  # the one array of a packed adapter record
 
@@ -256,14 +260,35 @@ def read_train_reply(reply: Message, layout: Layout) -> TrainUpdate:
     return TrainUpdate(reply.metadata.src_node_id, adapter, metrics, reply)
 
 
-def read_select_reply(reply: Message) -> Centroids:
+def read_select_reply(reply: Message, max_centroids: int) -> Centroids:
+    """The centroids of a selection reply: k float32 rows of one dimension, k distinct int64
+    ids >= 0 and k finite float32 weights >= 0, with k at most `max_centroids`."""
     metrics = _metrics(reply, SELECT_METRICS)
     record = _only_array_record(reply, CENTROIDS_RECORD)
     if set(record.keys()) != set(CENTROID_ARRAYS):
         raise ProtocolError(f"'{CENTROIDS_RECORD}' must hold exactly {list(CENTROID_ARRAYS)}")
     arrays = {k: _numpy(record[k], f"'{k}'") for k in CENTROID_ARRAYS}
-    return Centroids(reply.metadata.src_node_id, arrays["cluster_ids"], arrays["centroids"],
-                     arrays["weights"], metrics)
+    centroids, ids, weights = arrays["centroids"], arrays["cluster_ids"], arrays["weights"]
+    for name, array, dtype, ndim in (("centroids", centroids, np.float32, 2),
+                                     ("cluster_ids", ids, np.int64, 1),
+                                     ("weights", weights, np.float32, 1)):
+        if array.dtype != dtype or array.ndim != ndim:
+            raise ProtocolError(f"'{name}' must be a {ndim}-D {np.dtype(dtype)} array, got "
+                                f"{array.ndim}-D {array.dtype}")
+    count = len(ids)
+    if count > max_centroids:
+        raise ProtocolError(f"{count} centroids, more than selection.fedhds.max_centroids="
+                            f"{max_centroids}")
+    if centroids.shape[0] != count or len(weights) != count:
+        raise ProtocolError(f"{centroids.shape[0]} centroids, {count} ids and {len(weights)} "
+                            "weights: the counts must agree")
+    if count and not 1 <= centroids.shape[1] <= MAX_CENTROID_DIM:
+        raise ProtocolError(f"centroids of dimension {centroids.shape[1]}")
+    if not (np.isfinite(centroids).all() and np.isfinite(weights).all()) or (weights < 0).any():
+        raise ProtocolError("centroids and weights must be finite, weights >= 0")
+    if (ids < 0).any() or len(np.unique(ids)) != count:
+        raise ProtocolError("cluster ids must be distinct and >= 0")
+    return Centroids(reply.metadata.src_node_id, ids, centroids, weights, metrics)
 
 
 def read_evaluate_reply(reply: Message) -> tuple[float, float]:
@@ -291,9 +316,13 @@ def _metrics(reply: Message, allowed: tuple[str, ...], required: tuple[str, ...]
         if key not in allowed:
             raise ProtocolError(f"metric '{key}' is not part of the protocol")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not math.isfinite(value):
-            raise ProtocolError(f"metric '{key}' must be a finite number, got {value!r}")
+        if not number or not math.isfinite(value) or value < 0:
+            raise ProtocolError(f"metric '{key}' must be a finite number >= 0, got {value!r}")
+        if key in INTEGER_METRICS and value != int(value):
+            raise ProtocolError(f"metric '{key}' must be a whole number, got {value!r}")
         metrics[key] = float(value)
+    if metrics.get("partition-id", 0) >= MAX_PARTITION_ID:
+        raise ProtocolError(f"metric 'partition-id' must be below {MAX_PARTITION_ID}")
     missing = [key for key in required if key not in metrics]
     if missing:
         raise ProtocolError(f"the reply has no metric {missing}")

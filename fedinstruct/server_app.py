@@ -12,25 +12,27 @@ from fedinstruct.logs import setup_logging
 from fedinstruct.methods.base import server_method
 from fedinstruct.server.loop import FederatedRun
 from fedinstruct.server.output import RunOutput
+from fedinstruct.server.resume import check_output_dir
 
 log = logging.getLogger(__name__)
-
 
 def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
     """Run a whole federation on `grid` with a validated config."""
     setup_logging()
+    check_output_dir(cfg)  # before any model loads and anything is written
     method = server_method(cfg)  # a config that cannot run fails here, before any output
     output = RunOutput(cfg.output_dir)
-    output.save_config(to_container(cfg))
-    log.info(
-        "fedinstruct: strategy=%s selection=%s model=%s rounds=%d -> %s",
-        cfg.strategy.name,
-        cfg.selection.name,
-        cfg.model.name_or_path,
-        cfg.num_rounds,
-        output.folder,
-    )
-    FederatedRun(cfg, grid, method, output).run()
+    with output.lock(wait=60):  # a second run on this folder fails, naming the holder's pid
+        output.save_config(to_container(cfg))
+        log.info(
+            "fedinstruct: strategy=%s selection=%s model=%s rounds=%d -> %s",
+            cfg.strategy.name,
+            cfg.selection.name,
+            cfg.model.name_or_path,
+            cfg.num_rounds,
+            output.folder,
+        )
+        FederatedRun(cfg, grid, method, output).run()
     return output
 
 

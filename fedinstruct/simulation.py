@@ -9,6 +9,8 @@ from flwr.simulation import run_simulation
 
 from fedinstruct.client_app import make_client_app
 from fedinstruct.config import RunConfig
+from fedinstruct.server.output import RunOutput
+from fedinstruct.server.resume import check_output_dir
 from fedinstruct.server_app import make_server_app
 
 
@@ -18,6 +20,10 @@ def simulate(cfg: RunConfig) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Relative output folders are resolved here, not in the simulation's worker processes.
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    # What run_server checks first, here too: a run that cannot start fails before Ray starts.
+    check_output_dir(cfg)
+    with RunOutput(cfg.output_dir).lock():
+        pass  # another run holds the folder: OutputInUse now (run_server locks it for the run)
     resources = {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus}
     run_simulation(
         server_app=make_server_app(cfg),

@@ -40,6 +40,16 @@ LINK = f"superlink:{SUPERLINK_PORT}"
 C_CERTS, C_KEYS = Path("/certs"), Path("/keys")
 
 
+# What the SuperLink container gets of certs/ (see scripts/make-certs.sh): the CA certificate
+# and its own certificate and key. Never ca.key.
+SUPERLINK_CERTS = ("ca.crt", "server.pem", "server.key")
+
+
+def mount(source_dir: str, name: str, target_dir: Path) -> str:
+    """A read-only bind mount of one file (never a whole folder of secrets)."""
+    return f"{source_dir}/{name}:{(target_dir / name).as_posix()}:ro"
+
+
 def node_service(name: str) -> str:
     return f"supernode-{name.split('-')[-1]}"
 
@@ -83,15 +93,17 @@ def tls(topo: Topology) -> dict[str, Any]:
         "superlink": {
             "command": ["superlink", *topo.superlink_args(host="0.0.0.0", certs_dir=C_CERTS,
                                                           database=STATE_DB)],
-            "volumes": [f"{CERTS}:/certs:ro"],
+            # file by file: never the certs/ folder, which holds ca.key (the CA's private key
+            # stays with the operator; the SuperLink runs submitted ServerApp code)
+            "volumes": [mount(CERTS, name, C_CERTS) for name in SUPERLINK_CERTS],
         },
         "register": {
             "image": IMAGE_CPU,
             "build": BUILD_CPU,
             "command": ["register", LINK, "/certs/ca.crt",
                         *[f"/keys/{name}.pub" for name in names]],
-            "volumes": [f"{CERTS}/ca.crt:/certs/ca.crt:ro",
-                        *[f"{KEYS}/{name}.pub:/keys/{name}.pub:ro" for name in names]],
+            "volumes": [mount(CERTS, "ca.crt", C_CERTS),
+                        *[mount(KEYS, f"{name}.pub", C_KEYS) for name in names]],
             "depends_on": ["superlink"],
             "restart": "no",
         },
@@ -100,7 +112,8 @@ def tls(topo: Topology) -> dict[str, Any]:
         services[node_service(name)] = {
             "command": ["supernode", *topo.supernode_args(i, superlink=LINK, certs_dir=C_CERTS,
                                                           keys_dir=C_KEYS)],
-            "volumes": [f"{CERTS}/ca.crt:/certs/ca.crt:ro", f"{KEYS}/{name}:/keys/{name}:ro"],
+            # the CA certificate and this node's own private key, nothing of other nodes
+            "volumes": [mount(CERTS, "ca.crt", C_CERTS), mount(KEYS, name, C_KEYS)],
             "depends_on": {"superlink": {"condition": "service_started"},
                            "register": {"condition": "service_completed_successfully"}},
         }

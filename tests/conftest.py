@@ -7,6 +7,7 @@ Tests take what they share from here as fixtures; no test module imports another
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import psutil
@@ -17,6 +18,8 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+APPS = Path(__file__).resolve().parent / "apps"  # Flower apps the tests run (importable)
+sys.path.insert(0, str(APPS))
 
 # Small, fast settings for end-to-end runs with model=tiny.
 TINY_RUN = [
@@ -89,3 +92,37 @@ def tiny_config(tmp_path):
         return compose_config([*TINY_RUN, f"output_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hostile_app_dir(tmp_path_factory) -> Path:
+    """A Flower app folder (for `flwr run`) whose ClientApp is tests/apps/hostile_app.py,
+    declaring fedinstruct's run-config keys and the hostile app's own."""
+    import shutil
+
+    import tomli_w
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    folder = tmp_path_factory.mktemp("hostile-app")
+    shutil.copy(APPS / "hostile_app.py", folder / "hostile_app.py")
+    app = {
+        "build-system": project["build-system"],
+        "project": {"name": "hostileapp", "version": "1.0.0", "dependencies": ["flwr>=1.41"],
+                    "description": "fedinstruct with hostile nodes", "license": "Apache-2.0"},
+        "tool": {
+            "hatch": {"build": {"targets": {"wheel": {"only-include": ["hostile_app.py"]}}}},
+            "flwr": {"app": {
+                "publisher": "fedinstruct",
+                "components": {"serverapp": "hostile_app:server",
+                               "clientapp": "hostile_app:client"},
+                "config": {**project["tool"]["flwr"]["app"]["config"],
+                           "hostile-mode": "bad", "hostile-nodes": 1},
+            }},
+        },
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(app))
+    return folder

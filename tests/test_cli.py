@@ -51,3 +51,23 @@ def test_unknown_key_and_bad_value_fail_fast_with_the_name(tmp_path):
     assert bad.returncode == 2
     assert "model.quantization must be one of" in bad.stderr
     assert "Base model loaded" not in bad.stderr + bad.stdout
+
+
+@pytest.mark.slow  # three CLI processes, ~20 s
+def test_a_run_that_cannot_start_fails_before_it_starts(tmp_path):
+    from fedinstruct.server.output import RunOutput
+
+    hang = _run(["model=tiny", "federation.num_clients=2", "federation.min_train_nodes=5"],
+                tmp_path)
+    assert hang.returncode == 2, hang.stderr[-2000:]
+    assert "federation.min_train_nodes=5 is more than federation.num_clients=2" in hang.stderr
+    resume = _run(["model=tiny", "resume=true"], tmp_path)  # a new job folder: nothing to resume
+    assert resume.returncode == 2, resume.stderr[-2000:]
+    assert "holds no checkpoint: set output_dir to the folder of the run to resume" in (
+        resume.stderr)
+    with RunOutput(tmp_path / "busy").lock():
+        busy = _run(["model=tiny", f"output_dir={tmp_path / 'busy'}"], tmp_path)
+    assert busy.returncode == 2, busy.stderr[-2000:]
+    assert f"{tmp_path / 'busy'} is in use by another run (pid {os.getpid()} on " in busy.stderr
+    for result in (hang, resume, busy):
+        assert "Base model loaded" not in result.stderr + result.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import compose
 import pytest
+import yaml
 
 from fedinstruct.deploy import SUPERLINK_PORT, Topology
 
@@ -98,8 +99,8 @@ def check_topology(config: dict, num_nodes: int, tls: bool, gpu: bool,
     if tls:
         assert "--insecure" not in every_command and "--enable-supernode-auth" in link
         mounted = {v["target"]: v for s in services.values() for v in s.get("volumes", [])}
-        for path in (option(link, "--ssl-certfile"), option(link, "--ssl-keyfile")):
-            assert Path(path).parent.as_posix() in mounted
+        for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+            assert option(link, flag) in mounted  # each file on its own, not certs/
         keys = []
         for service in nodes.values():
             key = option(service["command"], "--auth-supernode-private-key")
@@ -157,12 +158,66 @@ def test_tls_mounts_exactly_what_the_scripts_make(tmp_path):
     binds = [v for s in config["services"].values() for v in s.get("volumes", [])
              if v["type"] == "bind" and str(tmp_path) in v["source"]]
     assert binds and all(Path(v["source"]).exists() and v["read_only"] for v in binds)
-    link = config["services"]["superlink"]["command"]
-    certs_mount = next(v for v in config["services"]["superlink"]["volumes"]
-                       if v["target"] == "/certs")
+    link = config["services"]["superlink"]
+    mounted = {v["target"]: v["source"] for v in link["volumes"]}
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
-        name = Path(option(link, flag)).name
-        assert (Path(certs_mount["source"]) / name).is_file()
+        path = option(link["command"], flag)
+        assert Path(mounted[path]).is_file() and Path(mounted[path]).name == Path(path).name
+
+
+def mounted_files(service: dict) -> set[Path]:
+    """Every host file a service's bind mounts expose (folders expanded)."""
+    found: set[Path] = set()
+    for volume in service.get("volumes", []):
+        if volume["type"] != "bind":
+            continue
+        source = Path(volume["source"])
+        found |= {p for p in source.rglob("*") if p.is_file()} if source.is_dir() else {source}
+    return found
+
+
+def test_no_container_gets_the_ca_key_or_another_nodes_key(tmp_path):
+    """The CA key reaches no container; each node gets its own private key and no other's.
+
+    The SuperLink runs submitted ServerApp code and the SuperNodes belong to other
+    organisations: whatever is mounted into a container must be fine for its code to read.
+    """
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    subprocess.run(["bash", str(REPO / "scripts/make-certs.sh"), str(certs), "superlink"],
+                   check=True, capture_output=True)
+    names = [f"node-{i}" for i in range(5)]
+    subprocess.run(["bash", str(REPO / "scripts/make-node-keys.sh"), str(keys), *names],
+                   check=True, capture_output=True)
+    (keys / "spare").write_text("a key no service may get")  # folder mounts would expose it
+    env = {"FEDINSTRUCT_CERTS": str(certs), "FEDINSTRUCT_KEYS": str(keys),
+           "FEDINSTRUCT_DATA": str(tmp_path / "data")}
+    (tmp_path / "data").mkdir()
+    private = {keys / name for name in [*names, "spare"]}
+    shipped = [(DOCKER, files, 2) for files in COMBOS]
+    generated = generate(tmp_path, "5", "--gpus", "2")
+    for folder, files, num_nodes in [*shipped, *[(generated, f, 5) for f in COMBOS]]:
+        services = resolve(folder, files, env=env)["services"]
+        tls = "compose.tls.yaml" in files
+        for name, service in services.items():
+            exposed = mounted_files(service)
+            assert certs / "ca.key" not in exposed, (files, name)
+            assert not {p for p in exposed if p.name == "ca.key"}, (files, name)
+            own = {keys / f"node-{name.rsplit('-', 1)[1]}"} if name.startswith("supernode-") \
+                else set()
+            assert exposed & private == (own if tls else set()), (files, name)
+            assert all(v.get("read_only") for v in service.get("volumes", [])
+                       if v["type"] == "bind"), (files, name)
+        if tls:
+            assert mounted_files(services["superlink"]) == {
+                certs / "ca.crt", certs / "server.pem", certs / "server.key"}
+            assert mounted_files(services["register"]) == {
+                certs / "ca.crt", *(keys / f"node-{i}.pub" for i in range(num_nodes))}
+    for path in DOCKER.glob("compose*.yaml"):  # the shipped text names no CA key either
+        assert "ca.key" not in path.read_text(), path
+    # The SuperLink's port also serves Flower's unauthenticated Control API: loopback by default.
+    base = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert base["services"]["superlink"]["ports"] == [
+        f"${{FEDINSTRUCT_BIND:-127.0.0.1}}:{SUPERLINK_PORT}:{SUPERLINK_PORT}"]
 
 
 @pytest.mark.slow  # starts Flower's commands, ~4 s

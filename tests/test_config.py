@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ except ModuleNotFoundError:  # Python 3.10
 from fedinstruct.config import (
     CONF_DIR,
     ConfigError,
+    FederationSettings,
     RunConfig,
+    StrategySettings,
     compose_config,
     config_from_run_config,
     overrides_from_run_config,
@@ -48,11 +51,67 @@ def test_default_config_composes():
         (["model.lora.layers_to_transform=[-1]"], "model.lora.layers_to_transform must"),
         (["strategy=fedbiot", "model.lora.layers_to_transform=[1]"],
          "layers_to_transform must be null with strategy=fedbiot"),
+        # settings that could only wait forever, or fail every round
+        (["federation.num_clients=2", "federation.min_train_nodes=5"],
+         "federation.min_train_nodes=5 is more than federation.num_clients=2"),
+        (["federation.min_available_nodes=4"],
+         "federation.min_available_nodes=4 is more than federation.num_clients=3"),
+        (["federation.min_replies=4"], "federation.min_replies=4 is more than"),
+        # ranges
+        (["strategy.reject_norm_ratio=1"], "strategy.reject_norm_ratio must be > 1, got 1.0"),
+        (["strategy.reject_norm_ratio=0"], "strategy.reject_norm_ratio must be > 1"),
+        (["strategy.server_momentum=1"], "strategy.server_momentum must be in [0, 1)"),
+        (["strategy.beta_1=-0.1"], "strategy.beta_1 must be in [0, 1)"),
+        (["strategy.beta_2=1"], "strategy.beta_2 must be in [0, 1)"),
+        (["strategy.tau=0"], "strategy.tau must be > 0"),
+        (["strategy.proximal_mu=-1"], "strategy.proximal_mu must be >= 0"),
+        (["train.max_grad_norm=-1"], "train.max_grad_norm must be >= 0"),
+        (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+        (["federation.min_available_nodes=0"], "federation.min_available_nodes must be > 0"),
+        (["federation.client_gpus=-1"], "federation.client_gpus must be >= 0"),
+        (["model.lora.dropout=1"], "model.lora.dropout must be in [0, 1)"),
+        (["model.tiny.num_attention_heads=3"], "hidden_size must be a multiple of"),
+        (["dataset.test_fraction=0"], "dataset.test_fraction must be in (0, 1)"),
+        (["selection.fedhds.feature_batch_size=0"], "selection.fedhds.feature_batch_size"),
+        (["seed=-1"], "seed must be >= 0"),
+        (["train.lr=nan"], "train.lr must be > 0, got nan"),
+        # the new keys
+        (["strategy.aggregation=mode"], "strategy.aggregation must be one of"),
+        (["strategy.aggregation=median", "strategy.server_optimizer=fedadam"],
+         "strategy.server_optimizer must be 'none' with strategy.aggregation=median"),
+        (["strategy.trim_fraction=0.5"], "strategy.trim_fraction must be in [0, 0.5)"),
+        (["strategy.norm_bound=-1"], "strategy.norm_bound must be >= 0"),
+        (["federation.node_wait_timeout=0"], "federation.node_wait_timeout must be > 0"),
+        (["selection.fedhds.max_centroids=0"], "selection.fedhds.max_centroids must be > 0"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         compose_config(overrides)
+
+
+def test_defaults_and_the_new_keys_are_valid():
+    cfg = RunConfig()
+    assert cfg.federation.min_train_nodes <= cfg.federation.num_clients
+    assert cfg.federation.min_available_nodes <= cfg.federation.num_clients
+    assert (cfg.strategy.aggregation, cfg.strategy.trim_fraction, cfg.strategy.norm_bound) == (
+        "mean", 0.2, 3.0)
+    assert cfg.federation.node_wait_timeout == 600.0
+    assert cfg.selection.fedhds.max_centroids == 4096
+    for aggregation in ("median", "trimmed_mean"):
+        strategy = compose_config([f"strategy.aggregation={aggregation}",
+                                   "strategy.trim_fraction=0", "strategy.norm_bound=0"]).strategy
+        assert strategy.aggregation == aggregation and strategy.server_optimizer == "none"
+    fed = compose_config(["federation.num_clients=5", "federation.min_train_nodes=5",
+                          "federation.min_available_nodes=5"]).federation
+    assert fed.min_train_nodes == fed.min_available_nodes == fed.num_clients == 5
+
+
+def test_the_dataclasses_validate_without_hydra_too():
+    with pytest.raises(ConfigError, match="federation.min_train_nodes=5 is more than"):
+        FederationSettings(num_clients=2, min_train_nodes=5)
+    with pytest.raises(ConfigError, match=re.escape("strategy.server_momentum must be in [0, 1)")):
+        StrategySettings(server_momentum=1.5)
 
 
 def test_bad_config_fails_before_any_model_is_loaded(monkeypatch):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedinstruct.deploy import CONNECTION, LocalDeployment, netns_unavailable_reason
 
@@ -240,6 +242,29 @@ def test_a_node_killed_mid_round_is_left_out_then_rejoins(deployment, tmp_path):
     assert all(r["nodes_replied"] >= 1 for r in metrics)
     assert metrics[rejoined_after + 1]["nodes_replied"] == 2, "the restarted node did not rejoin"
     assert f"round 2 train: node {lost_id} lost" in result.logs
+
+
+def test_a_hostile_node_counts_for_nothing(deployment, tmp_path, hostile_app_dir):
+    """node-0 runs tests/apps/hostile_app.py: a different bad train and FedHDS selection reply
+    each round. Every one is refused and logged, the run completes, and its adapter equals
+    that of the same run in which node-0's ClientApp raises every time."""
+    rounds, adapters = 4, {}
+    for mode in ("bad", "raise"):
+        folder = tmp_path / mode
+        result = deployment.run(timeout=400, app_dir=hostile_app_dir, run_config={
+            **config(folder, rounds, "eval.every=0", "federation.min_replies=1",
+                     "selection.fedhds.reducer=pca", "selection.fedhds.keep_noise=true",
+                     "model.quantization=none"),  # bit-reproducible (see test_trust.py)
+            "selection": "fedhds", "hostile-mode": mode, "hostile-nodes": 1})
+        assert result.ok, result.logs[-3000:]
+        assert [r["round"] for r in rows(folder)] == list(range(1, rounds + 1))
+        if mode == "bad":
+            assert result.logs.count("rejected update from node") == rounds, result.logs[-3000:]
+            assert result.logs.count("selection: node") == rounds
+        adapters[mode] = load_file(str(folder / "adapters" / "final" /
+                                       "adapter_model.safetensors"))
+    for key, expected in adapters["raise"].items():
+        torch.testing.assert_close(adapters["bad"][key], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_stopping_leaves_no_process_namespace_or_socket_behind(deployment,

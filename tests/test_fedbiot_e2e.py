@@ -119,7 +119,7 @@ def test_round_loop_with_fedhds_sends_lora_down_emulator_once_and_adapter_lora_u
     for msg, _ in grid.log:
         first.setdefault(msg.metadata.dst_node_id, msg)
     assert len({id(m.content) for m, _ in grid.log}) == len(grid.log)  # one RecordDict each
-    loaded, fresh = FedBiOTClient(cfg).model(read_instruction(grid.log[-1][0]))
+    loaded, fresh = FedBiOTClient(cfg).model(read_instruction(grid.log[-1][0]), {})
     layout = layout_of(get_peft_model_state_dict(loaded.model))  # what a client unpacks against
     lora_keys = set(unpack(grid.log[0][0].content["arrays"], layout).keys())
     emulator_lora, adapter_lora = split_lora_state(dict.fromkeys(lora_keys), plan)
@@ -223,10 +223,10 @@ def test_fedbiot_config_is_checked(tmp_path):
 def test_a_client_without_the_emulator_says_what_to_do(tmp_path, flower_identity, monkeypatch):
     monkeypatch.setenv("FEDINSTRUCT_CACHE", str(tmp_path))
     cfg = compose_config([*SETTINGS, f"output_dir={tmp_path}"])
-    config = ConfigRecord({"server-round": 1, FEDBIOT_FINGERPRINT: "0123abcd"})
+    config = ConfigRecord({"server-round": 1, FEDBIOT_FINGERPRINT: "0123abcd" * 4})
     instruction = Instruction(1, ArrayRecord(), config, RecordDict({"config": config}))
     with pytest.raises(FileNotFoundError, match="emulator_path"):
-        FedBiOTClient(cfg).model(instruction)
+        FedBiOTClient(cfg).model(instruction, {})
 
 
 def test_a_prepared_emulator_path_replaces_the_one_time_download(tmp_path, flower_identity):

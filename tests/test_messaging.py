@@ -141,3 +141,23 @@ def test_an_offline_node_gets_flowers_error_reply_before_the_timeout(federation,
     assert time.monotonic() - start < 5
     assert [r.metadata.src_node_id for r in replies] == [fed.nodes[0]]
     assert f"node {fed.nodes[1]} lost: Error: Node Unavailable" in caplog.text
+
+
+def test_waiting_for_nodes_is_bounded_and_says_why(federation, tiny_config, caplog,
+                                                   monkeypatch):
+    """Flower's sampling waits forever for min_available_nodes; the round loop gives up after
+    federation.node_wait_timeout, naming how many nodes came and how many were needed."""
+    from fedinstruct.methods.base import server_method
+    from fedinstruct.server.loop import FederatedRun
+    from fedinstruct.server.output import RunOutput
+
+    monkeypatch.setattr(logging.getLogger("fedinstruct"), "propagate", True)
+    fed = federation(2)
+    cfg = tiny_config("federation.min_available_nodes=3", "federation.node_wait_timeout=1")
+    run = FederatedRun(cfg, fed.grid, server_method(cfg), RunOutput(cfg.output_dir))
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="fedinstruct"), pytest.raises(
+            RoundFailed, match="2 nodes connected after 1 s, fewer than the 3"):
+        run._wait_for_nodes(poll_interval=0.05)
+    assert time.monotonic() - start < 5
+    assert "waiting for nodes: 2 of 3 connected" in caplog.text

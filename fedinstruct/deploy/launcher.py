@@ -3,7 +3,8 @@
 A launcher is put first on the PATH of a SuperNode (or SuperLink) under the name of the Flower
 command it stands for. It passes its arguments, environment and stdio to the warm app server
 at $FEDINSTRUCT_WARM_SOCKET and waits for the exit code of the child the server forks, or runs
-the real command itself when no server answers (see `fedinstruct.deploy.warm`).
+the real command itself when no server answers, the server refuses the request, or the server
+is not a process of the launcher's own user (SO_PEERCRED; see `fedinstruct.deploy.warm`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ def cold():
 try:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(os.environ["{env}"])
-except (KeyError, OSError):
+    # this process's environment and stdio go to a server of the same user only
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != os.geteuid():
+        raise PermissionError(f"the server at ${env} runs as uid {{uid}}")
+except (KeyError, OSError, AttributeError):
     cold()
 fds = []
 for fd in (0, 1, 2):

@@ -24,6 +24,14 @@ which forks a child that runs Flower's real entry point and reports its exit cod
   fork (a child forked after a multi-threaded op hangs in its first one). Each child gets its
   thread count back (OMP_NUM_THREADS, else the default) before it runs.
 
+- Local trust: only processes of the server's own user are served. The socket is created
+  with mode 600 (under umask 177) inside a folder of mode 700 (made, or checked, at start);
+  every connection's peer uid is checked with SO_PEERCRED (others are refused and logged),
+  and the launchers check the server's uid the same way. Requests are read without blocking,
+  with a deadline (`--request-timeout`) and a size limit; malformed requests and hints are
+  logged and refused and the server goes on. Each child asks the kernel for SIGKILL when the
+  server dies (PR_SET_PDEATHSIG), so no task outlives a killed server.
+
 This module is the server (and its command line); what a forked child does, and the hints it
 leaves, is `fedinstruct.deploy.warm_task`.
 
@@ -45,10 +53,13 @@ import os
 import select
 import signal
 import socket
+import stat
+import struct
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedinstruct.deploy.launcher import (
@@ -61,12 +72,18 @@ from fedinstruct.deploy.launcher import (
     server_command,
     write_launchers,
 )
-from fedinstruct.deploy.warm_task import entry_point, leave_hints, run_child, take_hint
+from fedinstruct.deploy.warm_task import (
+    die_with_parent,
+    entry_point,
+    leave_hints,
+    run_child,
+    take_hint,
+)
 
 log = logging.getLogger("fedinstruct.deploy")
 
-__all__ = ["READY", "SOCKET_ENV", "WarmServer", "leave_hints", "main", "route_to_server",
-           "server_command", "take_hint"]
+__all__ = ["READY", "SOCKET_ENV", "WarmServer", "WarmServerError", "leave_hints", "main",
+           "route_to_server", "server_command", "take_hint"]
 
 
 def warm_up(app_modules: Sequence[str], preload: Sequence[str] = ()) -> None:
@@ -112,38 +129,132 @@ def single_threaded() -> int:
     return threads or (os.cpu_count() or 1)
 
 
-def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    fd_space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
-    data, ancillary, _, _ = conn.recvmsg(1 << 16, fd_space)
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-    if len(data) < HEADER.size:
-        raise ValueError("short request")
-    (size,) = HEADER.unpack_from(data)
-    body = data[HEADER.size:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ValueError("request cut short")
-        body += chunk
-    return json.loads(body), fds
+MAX_REQUEST = 1 << 20  # bytes of one launcher request (argv, cwd, environment); more: refused
+MAX_PENDING = 32  # connections still sending their request; more: the oldest is dropped
+STDIO = (0, 1, 2)  # the only descriptors a request may pass (the launcher's stdio)
+FD_SPACE = socket.CMSG_SPACE(len(STDIO) * array.array("i").itemsize)
+REQUEST_FIELDS = {"command", "argv", "cwd", "env", "fds"}
+PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class WarmServerError(RuntimeError):
+    """The server cannot serve safely (e.g. its socket's folder is open to others)."""
+
+
+def private_folder(folder: Path) -> Path:
+    """Make (or check) folder: a real folder of this user that no one else may enter (700).
+
+    The socket and the prewarm hints live in it, so only this user's processes reach them.
+    """
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+            or stat.S_IMODE(info.st_mode) & 0o077):
+        raise WarmServerError(
+            f"{folder} must be a folder of uid {os.geteuid()} that no one else can enter "
+            f"(mode 700); it is {stat.filemode(info.st_mode)}, owned by uid {info.st_uid}. "
+            "Give --socket a path inside a private folder (the server makes a missing one).")
+    return folder
+
+
+def listen_privately(path: Path) -> socket.socket:
+    """A listening Unix socket at path, mode 600, inside a private folder.
+
+    The socket is created under umask 177, so it never exists with wider permissions (no
+    chmod afterwards, no race).
+    """
+    private_folder(path.parent)
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(umask)
+    listener.listen(64)
+    listener.setblocking(False)
+    return listener
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int] | None:
+    """(pid, uid) of the process at the other end, from the kernel (SO_PEERCRED; Linux)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        pid, uid, _ = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, option, PEERCRED.size))
+    except OSError:
+        return None
+    return pid, uid
+
+
+def parse_request(body: bytes, received_fds: int, commands: set[str]) -> dict:
+    """The launcher's request, checked field by field; ValueError says what is wrong."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"not JSON: {err}") from None
+    if not isinstance(request, dict):
+        raise ValueError(f"not a JSON object but {type(request).__name__}")
+    if set(request) != REQUEST_FIELDS:
+        raise ValueError(f"fields {sorted(request)}, expected {sorted(REQUEST_FIELDS)}")
+    command, argv, cwd, env, fds = (request[k] for k in ("command", "argv", "cwd", "env", "fds"))
+    if not isinstance(command, str) or command not in commands:
+        raise ValueError(f"command {command!r} is not served here ({sorted(commands)})")
+    if not isinstance(argv, list) or not all(isinstance(a, str) and "\0" not in a
+                                             for a in argv):
+        raise ValueError("argv must be a list of strings")
+    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
+        raise ValueError("cwd must be an absolute path")
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+            and "\0" not in k + v for k, v in env.items()):
+        raise ValueError("env must map variable names to strings")
+    if (not isinstance(fds, list) or len(fds) != received_fds or len(set(fds)) != len(fds)
+            or not all(type(fd) is int and fd in STDIO for fd in fds)):
+        raise ValueError(f"fds {fds!r} do not name the {received_fds} descriptors passed "
+                         f"(each one of {STDIO})")
+    return request
+
+
+@dataclass
+class _Pending:
+    """A connection whose request is still arriving."""
+
+    pid: int
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
 
 
 class WarmServer:
-    """Accepts launcher requests on a Unix socket and forks a child for each (one thread)."""
+    """Accepts launcher requests on a Unix socket and forks a child for each (one thread).
+
+    Only processes of the server's own user are served: the socket is mode 600 in a folder of
+    mode 700, and every connection's peer is checked with SO_PEERCRED. A request is read
+    without blocking, within `request_timeout` seconds and `MAX_REQUEST` bytes, so a stalled
+    or hostile client holds up no one else; a malformed one is logged and refused (its
+    launcher, if any, then runs the command itself). Children die with the server.
+    """
 
     def __init__(self, socket_path: Path, commands: Sequence[str], *, threads: int = 1,
                  prewarm: bool = False, apps: Sequence[str] = (),
-                 parent: int | None = None) -> None:
+                 parent: int | None = None, request_timeout: float = 10.0) -> None:
         self.socket_path, self.commands = socket_path, set(commands)
         self.apps = list(apps)  # app modules whose `prewarm` hook a hint may name
         self.parent = parent  # stop once this process (e.g. the SuperNode) is gone
         self.threads = threads  # each child's math-library thread count
+        self.request_timeout = request_timeout  # seconds a client may take to send a request
         # where the children leave their hints (main: prewarm=True when flwr-clientapp is served)
         self.hint = socket_path.with_suffix(".hint.json") if prewarm and self.apps else None
         self.prewarmed = ""  # the hint last acted on
+        self.pending: dict[socket.socket, _Pending] = {}  # connections still sending
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
         self.orphans: set[int] = set()  # children whose launcher was killed (signalled)
         self.started: dict[int, float] = {}  # pid -> when it was forked
@@ -153,11 +264,7 @@ class WarmServer:
         if threading.active_count() > 1:
             log.warning("%d threads run before forking; children get only this one",
                         threading.active_count())
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.socket_path))
-        listener.listen(64)
+        listener = listen_privately(self.socket_path)
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         print(f"{READY} on {self.socket_path} for {sorted(self.commands)}", flush=True)
@@ -166,50 +273,149 @@ class WarmServer:
                 if self.parent is not None and os.getppid() != self.parent:
                     log.info("the process that started this server is gone; stopping")
                     break
-                watched = [listener, *self.children.values()]
+                launchers = [c for p, c in self.children.items() if p not in self.orphans]
+                watched = [listener, *self.pending, *launchers]
                 try:
                     readable, _, _ = select.select(watched, [], [], 0.2)
                 except InterruptedError:
                     readable = []
                 for ready in readable:
-                    if ready is listener:
-                        self._accept(listener)
-                    else:
-                        self._launcher_gone(ready)
+                    try:
+                        if ready is listener:
+                            self._accept(listener)
+                        elif ready in self.pending:
+                            self._read(ready, listener)
+                        else:
+                            self._launcher_gone(ready)
+                    except Exception:  # one connection never takes the server down
+                        log.exception("error handling a connection")
+                        if ready in self.pending:
+                            self._drop(ready)
+                self._expire()
                 self._reap()
                 self._prewarm()
         finally:
             listener.close()
             self.socket_path.unlink(missing_ok=True)
+            for conn in list(self.pending):
+                self._drop(conn)
             self._stop_children()
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self._stop = True
 
     def _accept(self, listener: socket.socket) -> None:
-        """Receive one request; fork its child (or refuse: the launcher then runs cold)."""
-        conn, _ = listener.accept()
-        fds: list[int] = []
+        """Take a connection of this user (others: refused and logged) and wait for its request."""
         try:
-            request, fds = _receive_request(conn)
-            if request["command"] not in self.commands:
-                raise ValueError(f"command {request['command']!r} is not served here")
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("refused a launcher request (%s); it runs the command itself", err)
-            for fd in fds:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                conn.sendall(PID.pack(0))
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        peer = peer_credentials(conn)
+        if peer is None or peer[1] != os.geteuid():
+            who = "an unknown peer" if peer is None else f"pid {peer[0]} (uid {peer[1]})"
+            log.warning("refused a connection from %s: this server serves uid %d only",
+                        who, os.geteuid())
             conn.close()
             return
+        conn.setblocking(False)
+        if len(self.pending) >= MAX_PENDING:
+            oldest = min(self.pending, key=lambda c: self.pending[c].deadline)
+            log.warning("%d connections are still sending; dropped the oldest (pid %d)",
+                        len(self.pending), self.pending[oldest].pid)
+            self._drop(oldest)
+        self.pending[conn] = _Pending(peer[0], time.monotonic() + self.request_timeout)
+
+    def _read(self, conn: socket.socket, listener: socket.socket) -> None:
+        """Read what has arrived of a request; once complete, check it and fork its child."""
+        pending = self.pending[conn]
+        try:
+            data, ancillary, flags, _ = conn.recvmsg(1 << 16, FD_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            log.warning("dropped the connection of pid %d: %s", pending.pid, err)
+            self._drop(conn)
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                pending.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        if flags & socket.MSG_CTRUNC or len(pending.fds) > len(STDIO):
+            self._refuse(conn, f"more than {len(STDIO)} file descriptors")
+            return
+        if not data:
+            log.warning("pid %d closed its connection before sending a whole request",
+                        pending.pid)
+            self._drop(conn)
+            return
+        pending.data += data
+        if len(pending.data) < HEADER.size:
+            return
+        (size,) = HEADER.unpack_from(pending.data)
+        if size > MAX_REQUEST:
+            self._refuse(conn, f"a request of {size} bytes (limit {MAX_REQUEST})")
+            return
+        received = len(pending.data) - HEADER.size
+        if received > size:
+            self._refuse(conn, f"{received} bytes after a header announcing {size}")
+            return
+        if received < size:
+            return
+        del self.pending[conn]
+        try:
+            request = parse_request(bytes(pending.data[HEADER.size:]), len(pending.fds),
+                                    self.commands)
+        except ValueError as err:
+            self.pending[conn] = pending
+            self._refuse(conn, str(err))
+            return
+        self._fork(conn, request, pending.fds, listener)
+
+    def _refuse(self, conn: socket.socket, reason: str) -> None:
+        """Log and refuse a request: its launcher runs the command itself."""
+        pending = self.pending.get(conn)
+        log.warning("refused a request from pid %d: %s",
+                    pending.pid if pending else -1, reason)
+        with contextlib.suppress(OSError):
+            conn.send(PID.pack(0))
+        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Close a connection that has no child (yet) and the descriptors it passed."""
+        pending = self.pending.pop(conn, None)
+        if pending is not None:
+            pending.close_fds()
+        conn.close()
+
+    def _expire(self) -> None:
+        """Drop connections that did not send their request in time."""
+        now = time.monotonic()
+        for conn, pending in list(self.pending.items()):
+            if now > pending.deadline:
+                log.warning("dropped the connection of pid %d: no whole request within %.1f s",
+                            pending.pid, self.request_timeout)
+                self._drop(conn)
+
+    def _fork(self, conn: socket.socket, request: dict, fds: list[int],
+              listener: socket.socket) -> None:
+        """Fork the request's child; it runs Flower's entry point and dies with the server."""
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        server = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError as err:  # e.g. out of processes: the launcher runs the command itself
+            log.warning("could not fork %s: %s", request["command"], err)
+            self.pending[conn] = _Pending(0, 0.0, fds=list(fds))
+            self._refuse(conn, "no child could be forked")
+            return
         if pid == 0:  # the child: never returns into the server loop
             code = 1
             try:
-                for other in [listener, conn, *self.children.values()]:
+                die_with_parent(server)
+                for other in [listener, conn, *self.pending, *self.children.values()]:
                     other.close()
+                for pending in self.pending.values():
+                    pending.close_fds()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 code = run_child(request, fds, self.threads, self.hint, self.apps)
@@ -223,7 +429,7 @@ class WarmServer:
         self.children[pid] = conn
         self.started[pid] = time.monotonic()
         with contextlib.suppress(OSError):
-            conn.sendall(PID.pack(pid))
+            conn.send(PID.pack(pid))
         log.info("%s started as pid %d", request["command"], pid)
 
     def _prewarm(self) -> None:
@@ -242,7 +448,7 @@ class WarmServer:
             if hook is not None:
                 hook(hint["run_config"], hint["node_config"])
                 log.info("prewarmed %s in %.1f s", hint["module"], time.perf_counter() - start)
-        except Exception:
+        except (Exception, SystemExit):  # the app's hook never stops the server
             log.exception("prewarm of %s failed; tasks load for themselves", hint["module"])
         finally:
             sys.path.remove(hint["app_dir"])
@@ -252,9 +458,13 @@ class WarmServer:
 
     def _launcher_gone(self, conn: socket.socket) -> None:
         """The launcher closed its end (it was killed): stop its child as well."""
-        with contextlib.suppress(OSError):
-            if conn.recv(1):
+        try:
+            if conn.recv(4096):  # a launcher sends nothing after its request: ignore it
                 return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass  # reset: gone as well
         for pid, other in list(self.children.items()):
             if other is conn and pid not in self.orphans:
                 log.info("the launcher of pid %d is gone; stopping it", pid)
@@ -312,13 +522,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                         help="do not run the app's `prewarm` hook between tasks "
                              "(flwr-clientapp)")
+    parser.add_argument("--request-timeout", type=float, default=10.0,
+                        help="seconds a client may take to send its request (then dropped)")
     args = parser.parse_args(argv)
     parent = os.getppid()  # before the slow warm-up, in case it exits meanwhile
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s warm %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    try:
+        private_folder(args.socket.parent)  # fail now, not after the slow warm-up
+    except WarmServerError as err:
+        parser.exit(2, f"warm app server: {err}\n")
+    log_to_stdout()
     for command in args.commands:
         entry_point(command)  # fail now, not in every child
     if args.shims:
@@ -327,7 +539,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = single_threaded()
     prewarm = args.prewarm and "flwr-clientapp" in args.commands
     WarmServer(args.socket, args.commands, threads=threads, prewarm=prewarm, apps=args.app,
-               parent=parent if args.exit_with_parent else None).serve()
+               parent=parent if args.exit_with_parent else None,
+               request_timeout=args.request_timeout).serve()
+
+
+def log_to_stdout() -> None:
+    """The server's log lines on stdout (its own format, not propagated)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s warm %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ The hint's format is defined here, both for writing (`write_hint`) and reading (
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
 import logging
 import os
 import random
+import signal
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -30,7 +33,25 @@ from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedinstruct.deploy")
 
-__all__ = ["app_location", "entry_point", "leave_hints", "run_child", "take_hint", "write_hint"]
+__all__ = ["app_location", "die_with_parent", "entry_point", "leave_hints", "run_child",
+           "take_hint", "write_hint"]
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# libc, loaded in the server before it forks (no dynamic loading in a forked child)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked child: be SIGKILLed when the server (parent) dies, even by SIGKILL.
+
+    The kernel sends the signal when the parent exits; a parent that died before the call is
+    caught by checking that it is still the parent afterwards (the child then exits at once).
+    """
+    if _LIBC is not None and _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def entry_point(command: str):
@@ -67,17 +88,38 @@ def write_hint(path: Path, module: str, app_dir: Path, run_config: Mapping[str, 
 
 
 HINT_FIELDS = {"module": str, "app_dir": str, "run_config": dict, "node_config": dict}
+MAX_HINT = 1 << 20  # bytes; a larger hint file is refused
 
 
 def take_hint(path: Path) -> dict[str, Any] | None:
-    """Read and remove the latest hint; None if there is none (or it is unreadable)."""
+    """Read and remove the latest hint; None if there is none (a malformed one is logged).
+
+    Nothing in a hint can stop the server: unreadable, oversized, torn, too deeply nested or
+    mistyped hints are removed, logged and ignored.
+    """
     try:
-        hint = json.loads(path.read_text())
-        path.unlink()
-    except (OSError, ValueError):
+        with open(path, "rb") as file:
+            data = file.read(MAX_HINT + 1)
+    except FileNotFoundError:
         return None
-    if not isinstance(hint, dict) or any(
-            not isinstance(hint.get(name), kind) for name, kind in HINT_FIELDS.items()):
+    except OSError as err:
+        log.warning("ignored an unreadable prewarm hint %s: %s", path, err)
+        data = None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if data is None:
+        return None
+    if len(data) > MAX_HINT:
+        log.warning("ignored a prewarm hint of more than %d bytes", MAX_HINT)
+        return None
+    try:
+        hint = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        log.warning("ignored a malformed prewarm hint: %s", str(err)[:200])
+        return None
+    if not isinstance(hint, dict) or set(hint) != set(HINT_FIELDS) or any(
+            not isinstance(hint[name], kind) for name, kind in HINT_FIELDS.items()):
+        log.warning("ignored a prewarm hint without the fields %s", sorted(HINT_FIELDS))
         return None
     return hint
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import import_module
 from typing import Any, Protocol
 
@@ -65,6 +65,10 @@ class ServerSelection:
               ) -> dict[int, list[int]] | None:
         """A selection exchange before training: per node id, the cluster ids it trains on
         (None: no stage this round)."""
+        return None
+
+    def weight_cap(self, node_id: int) -> int | None:
+        """The most rows this selection lets a node train on this round (None: no bound)."""
         return None
 
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,8 +121,19 @@ class ServerMethod:
         """Names and shapes a client's train reply must hold (the whole adapter for FedIT)."""
         return layout_of(arrays)
 
+    def weight_cap(self, node_id: int) -> int | None:
+        """The most distinct samples a node can honestly report for this round: what its local
+        steps can draw, and what the server's selection left it (None: no bound known)."""
+        train = self.cfg.train
+        caps = [self.selection.weight_cap(node_id)]
+        if train.local_steps > 0:
+            caps.append(train.local_steps * train.batch_size * train.grad_accum)
+        known = [c for c in caps if c is not None]
+        return min(known) if known else None
+
     def weight(self, update: TrainUpdate) -> float:
-        """A reply's weight in the average: the samples it trained on."""
+        """A reply's weight in the average: the samples it trained on (checked against
+        `weight_cap` before)."""
         return update.weight
 
     def after_aggregation(self, arrays: ArrayRecord, aggregated: ArrayRecord) -> ArrayRecord:
@@ -189,7 +204,8 @@ class ClientMethod:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
 
-    def model(self, instruction: Instruction) -> tuple[LoadedModel, bool]:
+    def model(self, instruction: Instruction, node_config: Mapping[str, Any]
+              ) -> tuple[LoadedModel, bool]:
         """The model this client trains, and whether this call loaded it."""
         return base_model(self.cfg)
 

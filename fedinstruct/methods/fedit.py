@@ -19,9 +19,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+)
 
 from fedinstruct.config import RunConfig
 from fedinstruct.methods.base import ServerMethod, ServerSelection
@@ -40,7 +48,9 @@ class AdapterAggregation:
     """Mixin placed before a Flower strategy class (FedAvg, FedAdam, ...) in the MRO."""
 
     reject_norm_ratio: float = 10.0
+    norm_bound: float = 3.0
     _reference: dict[str, np.ndarray] | None = None
+    _previous_norm: float | None = None  # the last round's typical update distance
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -49,30 +59,57 @@ class AdapterAggregation:
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def screen_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Keep the replies that may enter the average; log why the others may not."""
+        """The replies that may enter the average, distance-bounded; log why others may not.
+
+        - a reply that trained on nothing is left out;
+        - with 3 or more replies, one whose distance from the global adapter is over
+          `reject_norm_ratio` x the median of the others' is rejected;
+        - an update farther than `norm_bound` x a reference distance is scaled back to it. The
+          reference is the median distance of the last round's replies, or, in the first round,
+          the median distance of the other replies: with 1 or 2 replies a median cannot tell
+          an outlier, and the bound is what keeps one reply from taking the adapter over.
+        """
+        assert self._reference is not None, "configure_train sets the reference"
         accepted: list[tuple[Message, float]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
             if float(msg.content[METRICS_RECORD][WEIGHT]) <= 0:
-                log.info("node %s trained on no samples this round; left out", node)
+                log.info("node %s trained on no samples this round; left out",
+                         msg.metadata.src_node_id)
                 continue
-            update = msg.content[ADAPTER_RECORD]
-            norm = update_norm(update, self._reference) if self._reference is not None else 0.0
-            accepted.append((msg, norm))
-        if len(accepted) < 3:
-            return [msg for msg, _ in accepted]
-        kept = []
+            accepted.append((msg, update_norm(msg.content[ADAPTER_RECORD], self._reference)))
+        kept: list[Message] = []
+        previous = self._previous_norm
+        norms = [n for _, n in accepted]
+        if norms:  # next round's reference (with fewer than 3, the smaller cannot be an outlier)
+            self._previous_norm = statistics.median(norms) if len(norms) >= 3 else min(norms)
         for i, (msg, norm) in enumerate(accepted):
-            others = statistics.median([n for j, (_, n) in enumerate(accepted) if j != i])
-            if others > 0 and norm > self.reject_norm_ratio * others:
-                log.warning(
-                    "rejected update from node %s: norm %.3g is over %.0fx the median %.3g"
-                    " of the others",
-                    msg.metadata.src_node_id, norm, self.reject_norm_ratio, others,
-                )
+            others = [n for j, (_, n) in enumerate(accepted) if j != i]
+            median = statistics.median(others) if others else 0.0
+            if len(accepted) >= 3 and median > 0 and norm > self.reject_norm_ratio * median:
+                log.warning("rejected update from node %s: norm %.3g is over %.0fx the median "
+                            "%.3g of the others", msg.metadata.src_node_id, norm,
+                            self.reject_norm_ratio, median)
                 continue
+            reference = previous or median
+            bound = self.norm_bound * reference
+            if self.norm_bound > 0 and bound > 0 and norm > bound:
+                log.warning("clipped update from node %s: norm %.3g scaled to %.3g (%gx the "
+                            "reference %.3g)", msg.metadata.src_node_id, norm, bound,
+                            self.norm_bound, reference)
+                msg = self._scaled(msg, bound / norm)
             kept.append(msg)
         return kept
+
+    def _scaled(self, msg: Message, factor: float) -> Message:
+        """A copy of `msg` whose update is moved `factor` of the way from the global adapter."""
+        assert self._reference is not None
+        arrays = ArrayRecord({
+            k: Array(self._reference[k] + factor * (a.numpy() - self._reference[k]))
+            for k, a in msg.content[ADAPTER_RECORD].items()
+        })
+        content = RecordDict({ADAPTER_RECORD: arrays,
+                              METRICS_RECORD: msg.content[METRICS_RECORD]})
+        return Message(content=content, metadata=msg.metadata)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -87,8 +124,11 @@ class AdapterAggregation:
     _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Server-optimizer state (FedOpt moments, FedAvgM momentum) as named arrays."""
+        """Server-optimizer state (FedOpt moments, FedAvgM momentum) and the last round's
+        median update distance, as named arrays."""
         state: dict[str, np.ndarray] = {}
+        if self._previous_norm is not None:
+            state["norm/previous"] = np.asarray([self._previous_norm])
         for attr in self._STATE_ATTRS:
             value: Any = getattr(self, attr, None)
             items = value.items() if isinstance(value, dict) else enumerate(value or [])
@@ -96,6 +136,8 @@ class AdapterAggregation:
         return state
 
     def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        if "norm/previous" in state:
+            self._previous_norm = float(state["norm/previous"][0])
         for attr in self._STATE_ATTRS:
             prefix = f"{attr}/"
             values = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -127,6 +169,14 @@ class FedITProx(AdapterAggregation, FedProx):
     """FedIT whose clients add FedProx's proximal term (`proximal-mu` in the train config)."""
 
 
+class FedITMedian(AdapterAggregation, FedMedian):
+    """FedIT with the coordinate-wise median of the updates instead of their mean."""
+
+
+class FedITTrimmedMean(AdapterAggregation, FedTrimmedAvg):
+    """FedIT with the coordinate-wise trimmed mean (`strategy.trim_fraction` cut each side)."""
+
+
 def sampling_kwargs(cfg: RunConfig) -> dict[str, object]:
     """Sampling arguments every Flower strategy takes."""
     fed = cfg.federation
@@ -144,8 +194,12 @@ def build_fedit(cfg: RunConfig) -> AdapterAggregation:
     """The Flower strategy for `strategy.server_optimizer`, screening replies as it averages."""
     s = cfg.strategy
     kwargs = sampling_kwargs(cfg)
-    if s.server_optimizer == "none":
-        strategy: AdapterAggregation = FedIT(**kwargs)
+    if s.aggregation == "median":
+        strategy: AdapterAggregation = FedITMedian(**kwargs)
+    elif s.aggregation == "trimmed_mean":
+        strategy = FedITTrimmedMean(**kwargs, beta=s.trim_fraction)
+    elif s.server_optimizer == "none":
+        strategy = FedIT(**kwargs)
     elif s.server_optimizer == "fedadam":
         strategy = FedITAdam(**kwargs, eta=s.server_lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
     elif s.server_optimizer == "fedyogi":
@@ -157,6 +211,7 @@ def build_fedit(cfg: RunConfig) -> AdapterAggregation:
     else:
         strategy = FedITProx(**kwargs, proximal_mu=s.proximal_mu)
     strategy.reject_norm_ratio = s.reject_norm_ratio
+    strategy.norm_bound = s.norm_bound
     return strategy
 
 

@@ -10,9 +10,10 @@ and reads every reply through `fedinstruct.protocol` before the strategy sees it
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from fedinstruct.config import RunConfig
 from fedinstruct.methods.base import ServerMethod
 from fedinstruct.protocol import (
     SELECTED_CLUSTERS,
+    WEIGHT,
     Layout,
     ProtocolError,
     TrainUpdate,
@@ -83,10 +85,7 @@ class FederatedRun:
     # -- phases -----------------------------------------------------------------------------
     def _start(self) -> tuple[int, ArrayRecord]:
         checkpoint = self.output.load_checkpoint() if self.cfg.resume else None
-        if checkpoint is None:
-            if self.cfg.resume:
-                log.info("resume=true but %s holds no checkpoint: starting fresh",
-                         self.output.folder)
+        if checkpoint is None:  # resume=true without one fails earlier (server.resume)
             arrays = self.method.initial_arrays()
             if self.cfg.eval.every > 0:
                 row = {"round": 0, **self.method.evaluate(0, arrays)}
@@ -118,6 +117,7 @@ class FederatedRun:
         row.update(server_metrics)
         row["time_server_prep"] = time.perf_counter() - t
 
+        self._wait_for_nodes()
         random.seed(cfg.seed * 1_000_003 + server_round)  # node sampling replays on resume
         selected = method.selection.stage(server_round, arrays, send, row)
 
@@ -129,14 +129,22 @@ class FederatedRun:
                 m.metadata.dst_node_id, []) or [-1]}) for m in messages]
         replies = send(messages, f"round {server_round} train")
         row["time_train_phase"] = time.perf_counter() - t
-        updates = read_updates(replies, method.upload_layout(arrays), f"round {server_round}")
+        label = f"round {server_round}"
+        updates = within_caps(read_updates(replies, method.upload_layout(arrays), label),
+                              method.weight_cap, label)
         if len(replies) < len(messages):
             log.warning("round %d: %d of %d nodes did not reply in time or failed",
                         server_round, len(messages) - len(replies), len(messages))
+        if len(updates) < cfg.federation.min_replies:
+            raise RoundFailed(f"{label}: {len(updates)} usable updates of {len(messages)} "
+                              f"sampled nodes, fewer than federation.min_replies="
+                              f"{cfg.federation.min_replies}")
 
         t = time.perf_counter()
         aggregated, train_metrics = self.strategy.aggregate_train(
             server_round, [u.for_aggregation(method.weight(u)) for u in updates])
+        if aggregated is None and cfg.federation.min_replies > 0:
+            raise RoundFailed(f"{label}: every update was rejected; nothing to checkpoint")
         if aggregated is not None:
             arrays = method.after_aggregation(arrays, aggregated)
         row["time_aggregate"] = time.perf_counter() - t
@@ -163,6 +171,25 @@ class FederatedRun:
         self.output.plot()
         log.info("round %d/%d | %s", server_round, cfg.num_rounds, _summary(row))
         return arrays
+
+    def _wait_for_nodes(self, poll_interval: float = 1.0) -> None:
+        """Wait for the nodes sampling needs, saying so every minute, for a bounded time
+        (Flower's own sampling waits forever)."""
+        fed = self.cfg.federation
+        needed = max(fed.min_available_nodes, fed.min_train_nodes)
+        start, last_log = time.monotonic(), -math.inf
+        while (connected := len(list(self.grid.get_node_ids()))) < needed:
+            waited = time.monotonic() - start
+            if waited >= fed.node_wait_timeout:
+                raise RoundFailed(
+                    f"{connected} nodes connected after {waited:.0f} s, fewer than the "
+                    f"{needed} that federation.min_available_nodes / min_train_nodes need "
+                    f"(federation.node_wait_timeout={fed.node_wait_timeout:g})")
+            if time.monotonic() - last_log >= 60:
+                log.info("waiting for nodes: %d of %d connected (%.0f s)", connected, needed,
+                         waited)
+                last_log = time.monotonic()
+            time.sleep(poll_interval)
 
     def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, send: _Sender
                               ) -> dict[str, Any]:
@@ -202,6 +229,32 @@ def read_updates(replies: list[Message], layout: Layout, label: str) -> list[Tra
             log.warning("%s: rejected update from node %s: %s", label,
                         reply.metadata.src_node_id, err)
     return updates
+
+
+def within_caps(updates: list[TrainUpdate], cap_of: Callable[[int], int | None], label: str
+                ) -> list[TrainUpdate]:
+    """Updates whose weight claim is within what the round allowed the node.
+
+    A claim over the cap is no honest mistake (a client reports the samples it drew) and the
+    reply is left out. Where no cap is known (local epochs over all local rows), a claim is
+    clipped to the largest of the others', so no single reply outweighs every other.
+    """
+    kept = []
+    for update in updates:
+        cap = cap_of(update.node_id)
+        if cap is not None and update.weight > cap:
+            log.warning("%s: rejected update from node %s: it claims %d samples, the round "
+                        "allowed at most %d", label, update.node_id, update.weight, cap)
+            continue
+        kept.append(update)
+    claims = [u.weight for u in kept]
+    for i, update in enumerate(kept):
+        others = claims[:i] + claims[i + 1:]
+        if cap_of(update.node_id) is None and others and update.weight > max(others):
+            log.warning("%s: node %s's weight %d clipped to %d, the largest of the others'",
+                        label, update.node_id, update.weight, max(others))
+            update.metrics[WEIGHT] = max(others)
+    return kept
 
 
 def _train_row(updates: list[TrainUpdate], train_metrics) -> dict[str, Any]:

@@ -1,18 +1,23 @@
 """The folder every run leaves: resolved config, metrics per round, PEFT adapters, a plot,
-and the checkpoint a crashed run resumes from."""
+and the checkpoint a crashed run resumes from; a lock keeps a second run out of it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
-from collections.abc import Mapping
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fedinstruct.files import atomic_folder, atomic_write_text
+from fedinstruct.files import atomic_folder, atomic_write_text, previous_copy
 
 if TYPE_CHECKING:  # torch loads only to write tensors: the CLI and readers stay light
     import torch
@@ -21,7 +26,14 @@ if TYPE_CHECKING:  # torch loads only to write tensors: the CLI and readers stay
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILES = ("tensors.safetensors", "state.json")
+LOCK_FILE = ".lock"
+
+
+class OutputInUse(RuntimeError):
+    """Another live run holds the run folder's lock; the message names the folder and its pid."""
 
 
 def read_metrics(source: str | Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
@@ -73,14 +85,51 @@ class RunOutput:
     def metrics_path(self) -> Path:
         return self.folder / METRICS_FILE
 
+    @contextmanager
+    def lock(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold `<folder>/.lock` (an exclusive flock) for a run; the OS drops it if the process
+        dies. Held by another run for more than `wait` seconds (a stopped run's process may
+        take a moment to exit): OutputInUse, naming the holder's pid."""
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+                    if time.monotonic() >= deadline:
+                        raise OutputInUse(
+                            f"{self.folder} is in use by another run (pid {holder}): wait for "
+                            "it to end, or set output_dir to another folder"
+                        ) from None
+                    time.sleep(0.5)
+                except OSError as err:  # a file system without locks (some network mounts)
+                    log.warning("cannot lock %s (%s): another run could write there too",
+                                self.folder, err)
+                    break
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
     def save_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_text(
-            self.folder / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False)
+            self.folder / CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False)
         )
+
+    def saved_config(self) -> dict[str, Any] | None:
+        """The resolved config the run saved (None: it saved none)."""
+        path = self.folder / CONFIG_FILE
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(dict(row), default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path, skip_bad=True)
@@ -121,9 +170,17 @@ class RunOutput:
 
         atomic_folder(self.folder / CHECKPOINT_DIR, build, replace=True)
 
+    def checkpoint_folder(self) -> Path | None:
+        """The last complete checkpoint: `checkpoint/`, or the previous one a crash in the
+        middle of replacing it left under its temporary name (None: the run saved none)."""
+        for folder in (self.folder / CHECKPOINT_DIR, previous_copy(self.folder / CHECKPOINT_DIR)):
+            if all((folder / name).is_file() for name in CHECKPOINT_FILES):
+                return folder
+        return None
+
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
-        folder = self.folder / CHECKPOINT_DIR
-        if not (folder / "state.json").exists():
+        folder = self.checkpoint_folder()
+        if folder is None:
             return None
         from safetensors.torch import load_file
 

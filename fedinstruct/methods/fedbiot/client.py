@@ -12,7 +12,9 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import get_peft_model
@@ -20,7 +22,7 @@ from peft import get_peft_model
 from fedinstruct.client.local import NODE, LoadedModel
 from fedinstruct.config import RunConfig
 from fedinstruct.methods.base import ClientMethod
-from fedinstruct.methods.fedbiot.package import emulator_folder
+from fedinstruct.methods.fedbiot.package import PIN_KEY, emulator_folder
 from fedinstruct.methods.fedbiot.split import (
     SplitPlan,
     decoder_layers,
@@ -78,12 +80,15 @@ def load_client_model(cfg: RunConfig, folder: str | Path) -> LoadedModel:
 class FedBiOTClient(ClientMethod):
     """Trains the adapter's LoRA on emulator + adapter, with a proximal term (eps)."""
 
-    def model(self, instruction: Instruction) -> tuple[LoadedModel, bool]:
+    def model(self, instruction: Instruction, node_config: Mapping[str, Any]
+              ) -> tuple[LoadedModel, bool]:
         """Emulator + adapter for the message's emulator, and whether this call loaded it."""
         fingerprint = str(instruction.config.get(FEDBIOT_FINGERPRINT, ""))
+        pin = node_config.get(PIN_KEY)
 
         def load():
-            folder = emulator_folder(self.cfg.strategy.fedbiot.emulator_path, instruction.content)
+            folder = emulator_folder(self.cfg.strategy.fedbiot.emulator_path, instruction.content,
+                                     pin=str(pin) if pin else None)
             loaded = load_client_model(self.cfg, folder)
             return loaded.model, loaded.tokenizer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fedbiot_fingerprint.txt"
 WEIGHTS_FILE = "model.safetensors"
+PIN_KEY = "fedbiot-fingerprint"  # node config: the one emulator this node accepts
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain name: no folder, no ..
+_RESERVED = {"config.json", WEIGHTS_FILE, PLAN_FILE, FINGERPRINT_FILE}
 
 
 def fingerprint_of(state: Mapping[str, torch.Tensor], model_config: str, plan: SplitPlan) -> str:
@@ -149,34 +154,41 @@ class EmulatorPackage:
 
 
 def _unpack(content: RecordDict, config: ConfigRecord, fingerprint: str) -> Path:
-    """Write the message's emulator into this machine's cache (once), checking it on the way."""
+    """Write the message's emulator into this machine's cache (once), after checking it: its
+    fingerprint is computed here from the bytes received, and every file name is a plain name
+    inside the cache folder, whatever the message says."""
     if FEDBIOT_MODEL_CONFIG not in config or EMULATOR_TOKENIZER_RECORD not in content:
         raise ValueError(
             f"the message carries '{EMULATOR_RECORD}' weights but no '{FEDBIOT_MODEL_CONFIG}' "
             f"config or '{EMULATOR_TOKENIZER_RECORD}' record"
         )
-    target = cache_folder(fingerprint)
+    state = content[EMULATOR_RECORD].to_torch_state_dict()
+    model_config = str(config[FEDBIOT_MODEL_CONFIG])
+    plan = SplitPlan.from_dict(json.loads(str(config[FEDBIOT_PLAN])))
+    if fingerprint_of(state, model_config, plan) != fingerprint:
+        raise ValueError("the emulator weights received do not match their fingerprint")
+    _check_layers(state, model_config)
+    files = {}
+    for name, array in content[EMULATOR_TOKENIZER_RECORD].items():
+        if not _FILE_NAME.fullmatch(name) or name in _RESERVED:
+            raise ValueError(f"the emulator's tokenizer file name {name!r} is not a plain file "
+                             "name; nothing was written")
+        files[name] = array.numpy().tobytes()
 
     def build(folder: Path) -> None:
-        state = content[EMULATOR_RECORD].to_torch_state_dict()
-        model_config = str(config[FEDBIOT_MODEL_CONFIG])
-        plan = SplitPlan.from_dict(json.loads(str(config[FEDBIOT_PLAN])))
-        _check_layers(state, model_config)
-        if fingerprint_of(state, model_config, plan) != fingerprint:
-            raise ValueError("the emulator weights received do not match their fingerprint")
-        tokenizer = content[EMULATOR_TOKENIZER_RECORD]
-        files = {name: a.numpy().tobytes() for name, a in tokenizer.items()}
         write_folder(folder, state, model_config, plan, files, fingerprint)
-        log.info("FedBiOT emulator received and cached in %s", target)
+        log.info("FedBiOT emulator received and cached in %s", cache_folder(fingerprint))
 
-    return atomic_folder(target, build)  # a crash never leaves a partial folder
+    return atomic_folder(cache_folder(fingerprint), build)  # never a partial folder
 
 
-def emulator_folder(emulator_path: str | None, content: RecordDict) -> Path:
+def emulator_folder(emulator_path: str | None, content: RecordDict, pin: str | None = None
+                    ) -> Path:
     """The folder this client builds emulator + adapter from, for the message's fingerprint.
 
     Order: a configured `emulator_path`; the weights in this message (cached on the way);
     the local cache of an earlier message. Anything else is an error that says what to do.
+    `pin`, from the node's own config, is the only fingerprint this node accepts.
     """
     config = content[CONFIG_RECORD]
     fingerprint = str(config.get(FEDBIOT_FINGERPRINT, ""))
@@ -185,6 +197,11 @@ def emulator_folder(emulator_path: str | None, content: RecordDict) -> Path:
             f"strategy=fedbiot, but the message config has no '{FEDBIOT_FINGERPRINT}': the server "
             "does not run FedBiOT (use the same strategy on both sides)"
         )
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        raise ValueError(f"'{FEDBIOT_FINGERPRINT}' must be 32 hex digits, got {fingerprint!r}")
+    if pin and fingerprint != pin:
+        raise ValueError(f"this node accepts only emulator {pin} (node config '{PIN_KEY}'), "
+                         f"but the server sent {fingerprint}")
     if emulator_path:
         folder = Path(emulator_path).expanduser()
         found = read_fingerprint(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from fedinstruct.protocol import (
     RANDOM_COUNTS,
     SELECT,
     SERVER_ROUND,
+    Centroids,
     ProtocolError,
     read_select_reply,
 )
@@ -54,6 +56,10 @@ class RandomSelection(ServerSelection):
     def train_config(self, server_round: int) -> dict[str, Any]:
         return {} if self.counts is None else {RANDOM_COUNTS: self.counts[server_round]}
 
+    def weight_cap(self, node_id: int) -> int | None:
+        random = self.cfg.selection.random
+        return random.count if self.counts is None and random.ratio is None else None
+
 
 class FedHDSSelection(ServerSelection):
     """Centroids up, server clustering, winning local cluster ids down (in train)."""
@@ -62,6 +68,7 @@ class FedHDSSelection(ServerSelection):
         super().__init__(cfg)
         self._selection: tuple[int, ArrayRecord] | None = None  # (round, adapter) of the last
         self._replay = False  # resumed between two selections
+        self._selected: dict[int, list[int]] = {}  # node -> winning cluster ids, last stage
 
     def stage(self, server_round: int, arrays: ArrayRecord, send: Send, row: dict[str, Any]
               ) -> dict[int, list[int]] | None:
@@ -75,9 +82,13 @@ class FedHDSSelection(ServerSelection):
                      self._selection[0])
         self._replay = False
         start = time.perf_counter()
-        selected = self._select(*self._selection, send, row)
+        self._selected = self._select(*self._selection, send, row)
         row["time_selection"] = time.perf_counter() - start
-        return selected
+        return self._selected
+
+    def weight_cap(self, node_id: int) -> int | None:
+        """One row per winning cluster: the coreset the server chose for the node."""
+        return len(self._selected.get(node_id, []))
 
     def _select(self, selection_round: int, arrays: ArrayRecord, send: Send,
                 row: dict[str, Any]) -> dict[int, list[int]]:
@@ -86,20 +97,31 @@ class FedHDSSelection(ServerSelection):
                               CONFIG_RECORD: ConfigRecord({SERVER_ROUND: selection_round})})
         messages = [Message(content, dst_node_id=node, message_type=SELECT)
                     for node in send.node_ids()]
-        payload = {}
-        client_seconds = 0.0
+        replies: list[Centroids] = []
         for reply in send(messages, f"round {selection_round} selection"):
             try:
-                c = read_select_reply(reply)
+                replies.append(read_select_reply(reply, settings.max_centroids))
             except ProtocolError as err:
                 log.warning("selection: node %s sent an invalid reply, left out: %s",
                             reply.metadata.src_node_id, err)
+        dims = Counter(c.centroids.shape[1] for c in replies if len(c.cluster_ids))
+        dim = dims.most_common(1)[0][0] if dims else None
+        payload = {}
+        for c in replies:
+            if len(c.cluster_ids) and c.centroids.shape[1] != dim:
+                log.warning("selection: node %s sent %d-D centroids, the others %d-D; left out",
+                            c.node_id, c.centroids.shape[1], dim)
                 continue
             payload[c.node_id] = (c.cluster_ids, c.centroids, c.weights)
-            client_seconds = max(client_seconds, c.metrics.get("time-select", 0.0))
+        client_seconds = max((c.metrics.get("time-select", 0.0) for c in replies), default=0.0)
         start = time.perf_counter()
-        selected = select_global(payload, min_cluster_size=settings.server_min_cluster_size,
-                                 keep_noise=settings.keep_noise)
+        # clients in an order of their content, not of their node ids (random per run), so
+        # that the same centroids always give the same selection
+        order = sorted(payload, key=lambda node: payload[node][1].tobytes())
+        by_rank = select_global({rank: payload[node] for rank, node in enumerate(order)},
+                                min_cluster_size=settings.server_min_cluster_size,
+                                keep_noise=settings.keep_noise)
+        selected = {node: by_rank[rank] for rank, node in enumerate(order)}
         row["time_server_clustering"] = time.perf_counter() - start
         row["local_clusters"] = int(sum(len(p[0]) for p in payload.values()))
         row["selected_clusters"] = int(sum(len(v) for v in selected.values()))
