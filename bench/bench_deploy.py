@@ -49,7 +49,7 @@ def settings(args: argparse.Namespace) -> dict[str, str | int]:
 
 
 def as_hydra(config: dict[str, str | int]) -> list[str]:
-    from fedinstruct.config import overrides_from_run_config
+    from fedinstruct.compose import overrides_from_run_config
 
     return overrides_from_run_config(config)
 
@@ -62,7 +62,7 @@ def read_rows(folder: Path) -> list[dict]:
 
 
 def simulation(args: argparse.Namespace, folder: Path) -> tuple[list[dict], float]:
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.simulation import simulate
 
     cfg = compose_config([*as_hydra(settings(args)), f"output_dir={folder}"])

@@ -97,7 +97,7 @@ def public_rows(args: argparse.Namespace, folder: Path) -> Path | None:
 
 
 def federate(cfg_overrides: list[str]) -> list[dict]:
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.server.output import read_metrics
     from fedinstruct.simulation import simulate
 
@@ -108,7 +108,7 @@ def emulator_folder(cfg_overrides: list[str]) -> Path:
     """The emulator the FedBiOT clients cached (its plan and vocabulary match this model's)."""
     from transformers import AutoConfig
 
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.methods.fedbiot.split import SplitPlan, load_split_plan
     from fedinstruct.model import cache_root, resolve_model_path
 
@@ -144,7 +144,7 @@ def client_probe(cfg_overrides: list[str], emulator: str | None, steps: int) -> 
     from peft import get_peft_model_state_dict
 
     from fedinstruct.client.local import LocalClient, shared_model
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.methods.fedbiot.client import load_client_model
     from fedinstruct.model import model_bytes
 

@@ -105,7 +105,7 @@ def write_scaled_split(args: argparse.Namespace, target: Path) -> dict[str, Any]
     """
     from datasets import concatenate_datasets
 
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.data import load_prepartitioned, load_prepartitioned_test
     from fedinstruct.model import load_tokenizer, resolve_model_path
 
@@ -194,7 +194,7 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, folder: Path,
 
 def federate(run_overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
     """Run one federation in this process; its metrics rows and its wall time."""
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.server.output import read_metrics
     from fedinstruct.simulation import simulate
 

@@ -30,7 +30,7 @@ def _client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, f
     import torch
 
     from fedinstruct.client.training import sample_order, train_lora
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.data import make_synthetic_dataset, pad_batch, tokenize_dataset
     from fedinstruct.model import (
         add_lora,
@@ -110,7 +110,7 @@ def client_probe(quantization: str, steps: int, batch_size: int) -> dict[str, fl
 
 
 def simulation(rounds: int, clients: int, steps: int, folder: Path) -> list[dict]:
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.server.output import read_metrics
     from fedinstruct.simulation import simulate
 
@@ -141,7 +141,7 @@ def main() -> None:
         print(json.dumps(_client_probe(args.probe, args.steps, args.batch_size)))
         return
 
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
     from fedinstruct.model import adapter_bytes, initial_adapter_state
 
     cfg = compose_config(MODEL)

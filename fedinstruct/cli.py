@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fedinstruct.config import CONF_DIR, ConfigError, to_run_config
+from fedinstruct.compose import CONF_DIR, to_run_config
+from fedinstruct.config import ConfigError
 from fedinstruct.logs import setup_logging
 from fedinstruct.server.output import OutputInUse, read_metrics
 

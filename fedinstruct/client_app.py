@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 from peft import get_peft_model_state_dict
 
 from fedinstruct.client.local import NODE, LoadedModel, LocalClient
-from fedinstruct.config import RunConfig, config_from_run_config
+from fedinstruct.compose import config_from_run_config
+from fedinstruct.config import RunConfig
 from fedinstruct.logs import setup_logging
 from fedinstruct.methods.base import client_method
 from fedinstruct.protocol import (

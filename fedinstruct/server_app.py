@@ -7,7 +7,8 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedinstruct.config import RunConfig, config_from_run_config, to_container
+from fedinstruct.compose import config_from_run_config, to_container
+from fedinstruct.config import RunConfig
 from fedinstruct.logs import setup_logging
 from fedinstruct.methods.base import server_method
 from fedinstruct.server.loop import FederatedRun

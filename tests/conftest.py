@@ -86,7 +86,7 @@ def flower_identity():
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    from fedinstruct.config import compose_config
+    from fedinstruct.compose import compose_config
 
     def make(*overrides: str):
         return compose_config([*TINY_RUN, f"output_dir={tmp_path / 'run'}", *overrides])

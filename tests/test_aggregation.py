@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedinstruct.config import compose_config
+from fedinstruct.compose import compose_config
 from fedinstruct.methods.fedit import build_fedit
 from fedinstruct.protocol import layout_of, pack
 from fedinstruct.server.loop import read_updates

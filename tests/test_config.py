@@ -14,17 +14,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from fedinstruct.config import (
+from fedinstruct.compose import (
     CONF_DIR,
-    ConfigError,
-    FederationSettings,
-    RunConfig,
-    StrategySettings,
     compose_config,
     config_from_run_config,
     overrides_from_run_config,
     to_container,
 )
+from fedinstruct.config import ConfigError, FederationSettings, RunConfig, StrategySettings
 
 # What only conf/config.yaml holds besides picked values.
 HYDRA_ONLY_KEYS = ("defaults", "hydra")

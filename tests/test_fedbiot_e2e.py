@@ -13,7 +13,8 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from fedinstruct.client_app import handle_select, handle_train
-from fedinstruct.config import ConfigError, compose_config
+from fedinstruct.compose import compose_config
+from fedinstruct.config import ConfigError
 from fedinstruct.methods.base import server_method
 from fedinstruct.methods.fedbiot.client import FedBiOTClient
 from fedinstruct.methods.fedbiot.package import (

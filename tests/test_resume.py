@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import fedinstruct.server_app as server_app
-from fedinstruct.config import ConfigError, compose_config, to_container
+from fedinstruct.compose import compose_config, to_container
+from fedinstruct.config import ConfigError
 from fedinstruct.server.output import RunOutput
 from fedinstruct.server.resume import check_output_dir, config_changes
 from fedinstruct.server_app import run_server

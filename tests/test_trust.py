@@ -33,7 +33,7 @@ from hostile_app import (  # tests/apps: the hostile Flower app these tests run
 )
 from safetensors.torch import load_file
 
-from fedinstruct.config import compose_config
+from fedinstruct.compose import compose_config
 from fedinstruct.methods.fedbiot.package import emulator_folder
 from fedinstruct.methods.fedit import build_fedit
 from fedinstruct.protocol import (

@@ -23,7 +23,8 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedTokenizerBase
 
 from fedinstruct.client.training import TrainResult, proximal_term, snapshot, train_lora
-from fedinstruct.config import RunConfig, config_from_run_config
+from fedinstruct.compose import config_from_run_config
+from fedinstruct.config import RunConfig
 from fedinstruct.data import TokenizedExample, build_prompt, tokenize_dataset
 from fedinstruct.data.federated import client_dataset, local_file_dataset
 from fedinstruct.metrics import response_loss

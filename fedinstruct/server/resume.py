@@ -9,7 +9,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedinstruct.config import ConfigError, RunConfig, to_container
+from fedinstruct.compose import to_container
+from fedinstruct.config import ConfigError, RunConfig
 from fedinstruct.server.output import CONFIG_FILE, RunOutput
 
 log = logging.getLogger(__name__)

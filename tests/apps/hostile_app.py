@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedinstruct.client_app import handle_evaluate, handle_select, handle_train
-from fedinstruct.config import RunConfig, config_from_run_config
+from fedinstruct.compose import config_from_run_config
+from fedinstruct.config import RunConfig
 from fedinstruct.protocol import PACKED
 from fedinstruct.server_app import run_server
 
