@@ -23,6 +23,7 @@ from fedinstruct.compose import config_from_run_config
 from fedinstruct.config import RunConfig
 from fedinstruct.logs import setup_logging
 from fedinstruct.methods.base import client_method
+from fedinstruct.privacy.dp import clipping_mod
 from fedinstruct.protocol import (
     WEIGHT,
     Instruction,
@@ -109,7 +110,7 @@ Handler = Callable[[RunConfig, Message, Context], Message]
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     """A ClientApp for `cfg`, or (None) one that reads Flower's run_config."""
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[clipping_mod])  # clips updates when the server asks (dp)
 
     def run(handler: Handler, msg: Message, context: Context) -> Message:
         setup_logging()

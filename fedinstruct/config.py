@@ -14,6 +14,7 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "prepartitioned")
 SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedavgm", "fedprox")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
+DP_MODES = ("none", "central", "client")
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,7 @@ def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 _RANGES: dict[str, Any] = {  # a rule's text is also its error message; NaN fails every rule
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "> 1": lambda v: v > 1,
-    ">= 2": lambda v: v >= 2, "in [0, 1]": lambda v: 0 <= v <= 1,
+    ">= 2": lambda v: v >= 2, "> 2": lambda v: v > 2, "in [0, 1]": lambda v: 0 <= v <= 1,
     "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1,
     "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 0.5)": lambda v: 0 <= v < 0.5,
 }
@@ -287,10 +288,53 @@ class EvalSettings:
     federated: bool = False  # also evaluate on each client's held-out share
     federated_fraction: float = 0.1
     quantized_base: bool = False  # the server evaluates on the dense base: CPU NF4 is ~3x slower
+    # held-out metrics, each reported as eval_<name> (README, "Evaluation"): loss, rougeL,
+    # exact_match, numeric_match (last number), choice_accuracy (options by log-likelihood)
+    metrics: list[str] = field(default_factory=lambda: ["loss", "rougeL"])
+    choices_column: str = "choices"  # choice_accuracy: the held-out rows' list of options
+
+    METRICS = ("loss", "rougeL", "exact_match", "numeric_match", "choice_accuracy")
 
     def __post_init__(self) -> None:
         _check("eval", self, every=">= 0", max_samples=">= 0", max_new_tokens="> 0",
                batch_size="> 0", federated_fraction="in [0, 1]")
+        if not self.metrics or len(set(self.metrics)) < len(self.metrics):
+            raise ConfigError("eval.metrics must name each metric once (set eval.every=0 to "
+                              f"turn evaluation off), got {list(self.metrics)}")
+        for name in self.metrics:
+            _choice("eval.metrics", name, self.METRICS)
+        if not self.choices_column:
+            raise ConfigError("eval.choices_column must name a column")
+
+
+@dataclass
+class PrivacySettings:
+    """Client-level differential privacy of the adapter updates, DP for FedHDS's centroids, and
+    secure aggregation (docs/privacy.md says what each protects against, with numbers)."""
+
+    dp: str = "none"  # none | central (the server clips each update) | client (clients clip)
+    noise_multiplier: float = 1.0  # Gaussian noise std on the mean, in units of clip / sampled
+    clip: float = 0.5  # L2 bound of one client's adapter update (distance from the global)
+    delta: float = 1e-5
+    target_epsilon: float | None = None  # pick noise_multiplier for num_rounds; stop at it
+    centroid_dp: bool = False  # FedHDS: clip reduced features, add calibrated noise to centroids
+    centroid_clip: float = 1.0  # L2 bound of one sample's reduced feature
+    centroid_noise_multiplier: float = 1.0  # noise std on a cluster's sum, in units of clip
+    secure_aggregation: bool = False  # SecAgg+: the server sees only the sum of the updates
+    secagg_num_shares: int = 3  # SecAgg+: shares of each client's secret (>= 3)
+    secagg_reconstruction_threshold: int = 2  # shares needed: how many dropouts it survives
+    secagg_clipping_range: float = 8.0  # update values are clipped to +-this before quantizing
+    secagg_quantization_range: int = 4194304  # quantization levels of the clipped range
+
+    def __post_init__(self) -> None:
+        _choice("privacy.dp", self.dp, DP_MODES)
+        _check("privacy", self, noise_multiplier=">= 0", clip="> 0", delta="in (0, 1)",
+               centroid_clip="> 0", centroid_noise_multiplier=">= 0", secagg_num_shares="> 2",
+               secagg_reconstruction_threshold="> 1", secagg_clipping_range="> 0",
+               secagg_quantization_range="> 1", target_epsilon="> 0")
+        if self.secagg_reconstruction_threshold > self.secagg_num_shares:
+            raise ConfigError("privacy.secagg_reconstruction_threshold must be at most "
+                              "privacy.secagg_num_shares")
 
 
 @dataclass
@@ -308,9 +352,33 @@ class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         _check("", self, seed=">= 0", num_rounds="> 0")
+        _check_privacy(self)
         if self.strategy.name == "fedbiot" and self.model.lora.layers_to_transform is not None:
             raise ConfigError("model.lora.layers_to_transform must be null with strategy=fedbiot:"
                               " FedBiOT puts LoRA on the adapter and emulator layers itself")
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    """Refuse the combinations in which a privacy mode would not mean what it says."""
+    privacy, strategy = cfg.privacy, cfg.strategy
+    if privacy.dp != "none":
+        if strategy.name != "fedit":
+            raise ConfigError("privacy.dp needs strategy=fedit: FedBiOT's clients send a part of "
+                              "the global state, which Flower's DP clipping does not handle")
+        if strategy.server_optimizer not in ("none", "fedprox") or strategy.aggregation != "mean":
+            raise ConfigError("privacy.dp needs the plain mean of the updates (strategy."
+                              "server_optimizer none or fedprox, strategy.aggregation=mean): the "
+                              "noise is calibrated to the sensitivity of a mean")
+    if privacy.secure_aggregation:
+        if strategy.name != "fedit" or cfg.selection.name == "fedhds":
+            raise ConfigError("privacy.secure_aggregation runs FedIT only (strategy=fedit, "
+                              "selection all or random)")
+        if privacy.dp == "central":
+            raise ConfigError("privacy.secure_aggregation hides each update from the server, "
+                              "which cannot clip it: use privacy.dp=client")
+    if privacy.centroid_dp and cfg.selection.name != "fedhds":
+        raise ConfigError("privacy.centroid_dp applies to selection=fedhds only")

@@ -102,7 +102,7 @@ def pack(state: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray]) -> ArrayR
 
 
 def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
-    """The named tensors of a packed record, checked against `layout`.
+    """The named tensors of a packed record, checked against `layout` (and in its order).
 
     Raises ProtocolError, naming both counts, when the record is not one packed float32 array
     of exactly the layout's size.
@@ -121,7 +121,9 @@ def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
     for name, size in zip(sorted(layout), sizes, strict=True):
         arrays[name] = Array(np.ascontiguousarray(flat[start:start + size]).reshape(layout[name]))
         start += size
-    return ArrayRecord(arrays)
+    # in the layout's own order: Flower's DP clipping pairs an update with the global arrays
+    # by position
+    return ArrayRecord({name: arrays[name] for name in layout})
 
 
 def seal(msg: Message) -> Message:

@@ -16,6 +16,7 @@ half, imported on demand, so that a client never imports the server's alignment 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,7 @@ from fedinstruct.model import (
     lora_config,
     resolve_model_path,
 )
+from fedinstruct.privacy import dp
 from fedinstruct.protocol import PROXIMAL_MU, Instruction, Layout, TrainUpdate, layout_of
 from fedinstruct.server.evaluation import HeldOutSet
 from fedinstruct.server.output import RunOutput
@@ -102,6 +104,7 @@ class ServerMethod:
         self.cfg = cfg
         self.strategy = strategy
         self.selection = selection
+        self.privacy: dp.PrivacyLedger | None = None  # set by server_method for privacy.dp
         self._model: PeftModel | None = None
         self._tokenizer: Any = None
         self._held_out: HeldOutSet | None = None
@@ -133,8 +136,8 @@ class ServerMethod:
 
     def weight(self, update: TrainUpdate) -> float:
         """A reply's weight in the average: the samples it trained on (checked against
-        `weight_cap` before)."""
-        return update.weight
+        `weight_cap` before); with differential privacy every client weighs the same."""
+        return 1.0 if self.privacy is not None else update.weight
 
     def after_aggregation(self, arrays: ArrayRecord, aggregated: ArrayRecord) -> ArrayRecord:
         """The next global state from the aggregate (the aggregate itself for FedIT)."""
@@ -246,9 +249,18 @@ def _load(path: str) -> Any:
 
 
 def server_method(cfg: RunConfig) -> ServerMethod:
-    """The server half of the run's method, with its Flower strategy and selection."""
+    """The server half of the run's method, with its Flower strategy and selection, inside
+    Flower's DP wrapper when `privacy.dp` asks for it."""
     selection: ServerSelection = _load(SELECTION[cfg.selection.name][0])(cfg)
-    return _load(TRAINING[cfg.strategy.name][0])(cfg, selection)
+    method: ServerMethod = _load(TRAINING[cfg.strategy.name][0])(cfg, selection)
+    if cfg.privacy.dp != "none":
+        # the clip bounds each update: no screen may change how many updates are averaged
+        method.strategy.reject_norm_ratio, method.strategy.norm_bound = math.inf, 0.0
+        z = dp.noise_multiplier(cfg)
+        method.strategy = dp.wrap(method.strategy, cfg, z)
+        method.privacy = dp.PrivacyLedger(z, cfg.privacy.clip, cfg.privacy.delta,
+                                          cfg.privacy.target_epsilon)
+    return method
 
 
 def client_method(cfg: RunConfig) -> tuple[ClientMethod, ClientSelection]:

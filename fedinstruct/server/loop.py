@@ -78,9 +78,27 @@ class FederatedRun:
     def run(self) -> ArrayRecord:
         start_round, arrays = self._start()
         for server_round in range(start_round, self.cfg.num_rounds + 1):
+            if self._budget_spent(server_round):
+                break
             arrays = self._round(server_round, arrays)
         log.info("Run finished; outputs in %s", self.output.folder)
         return arrays
+
+    def _budget_spent(self, server_round: int) -> bool:
+        """Whether the next round would spend more than privacy.target_epsilon (the run then
+        ends here: the last checkpoint is the previous round's)."""
+        privacy = self.method.privacy
+        population = len(list(self.grid.get_node_ids())) or self.cfg.federation.num_clients
+        if privacy is None or not privacy.would_exceed(self._sampled(population), population):
+            return False
+        log.warning("round %d would spend more than privacy.target_epsilon=%g (spent so far: "
+                    "%.3f at delta %g): the run stops here", server_round, privacy.budget,
+                    privacy.accountant.epsilon(), privacy.delta)
+        return True
+
+    def _sampled(self, population: int) -> int:
+        fed = self.cfg.federation
+        return min(population, max(int(fed.fraction_train * population), fed.min_train_nodes))
 
     # -- phases -----------------------------------------------------------------------------
     def _start(self) -> tuple[int, ArrayRecord]:
@@ -100,6 +118,8 @@ class FederatedRun:
         self.method.selection.restore(part("selection/"), state)
         self.strategy.load_state_arrays({k: v.numpy() for k, v in part("strategy/").items()})
         self.method.load_state_tensors(part("server/"))
+        if self.method.privacy is not None and "privacy/releases" in tensors:
+            self.method.privacy.restore(tensors["privacy/releases"].numpy(), self.strategy)
         self.output.truncate_metrics(done)
         if "row" in state and all(r.get("round") != done for r in self.output.read_metrics()):
             self.output.append_metrics(state["row"])  # stopped between checkpoint and metrics
@@ -150,6 +170,10 @@ class FederatedRun:
         row["time_aggregate"] = time.perf_counter() - t
 
         row.update(_train_row(updates, train_metrics))
+        if method.privacy is not None:  # the noised mean of this round is released
+            population = len(list(self.grid.get_node_ids()))
+            row.update(method.privacy.charge(len(updates), self._sampled(population),
+                                             population))
         row.update({
             "bytes_down": send.bytes_down,
             "bytes_up": send.bytes_up,
@@ -216,6 +240,8 @@ class FederatedRun:
         tensors.update({f"strategy/{k}": torch.from_numpy(np.ascontiguousarray(v))
                         for k, v in self.strategy.state_arrays().items()})
         tensors.update({f"server/{k}": v for k, v in self.method.state_tensors().items()})
+        if self.method.privacy is not None:
+            tensors["privacy/releases"] = torch.from_numpy(self.method.privacy.state())
         self.output.save_checkpoint(server_round, tensors, state)
 
 
@@ -288,6 +314,7 @@ def _summary(row: dict[str, Any]) -> str:
         ("emu_eval_rougeL", "emu_rougeL {:.4f}"),
         ("train_loss", "train_loss {:.4f}"),
         ("train_samples", "samples {}"),
+        ("dp_epsilon", "epsilon {:.3f}"),
         ("bytes_up", "up {:,} B"),
         ("time_round", "{:.1f} s"),
     ):
