@@ -1,5 +1,5 @@
 """Shared fixtures: offline hub, Flower's task identity for building messages, tiny configs,
-the repository root, and finding a deployment's processes.
+the repository root, finding a deployment's processes, and writing small Flower apps.
 
 Tests take what they share from here as fixtures; no test module imports another.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import psutil
@@ -55,6 +56,43 @@ def _processes_with_home_under(root: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def _write_flower_app(root: Path, name: str, modules: dict[str, str], *,
+                      config: dict[str, object], description: str,
+                      components: dict[str, str] | None = None) -> Path:
+    """A Flower app project at root: package `name` with modules (module name -> source,
+    dedented) and a pyproject.toml (hatchling) whose components default to
+    `{name}.server:app` and `{name}.client:app`, and whose run config is config."""
+    import tomli_w
+
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("")
+    for module, source in modules.items():
+        (root / name / f"{module}.py").write_text(textwrap.dedent(source))
+    app = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": name, "version": "1.0.0", "description": description,
+                    "license": "Apache-2.0", "dependencies": ["flwr>=1.41"]},
+        "tool": {
+            "hatch": {"build": {"targets": {"wheel": {"packages": [name]}}}},
+            "flwr": {"app": {
+                "publisher": "fedinstruct",
+                "components": components or {"serverapp": f"{name}.server:app",
+                                             "clientapp": f"{name}.client:app"},
+                "config": config,
+            }},
+        },
+    }
+    (root / "pyproject.toml").write_text(tomli_w.dumps(app))
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_flower_app():
+    """`write(root, name, modules, config=..., description=..., components=None)`: a small
+    Flower app project (package + pyproject.toml) for tests that deploy or import one."""
+    return _write_flower_app
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import psutil
 import pytest
 
 from fedinstruct.deploy import DeploymentError, LocalDeployment, Topology, format_config
+from fedinstruct.deploy.launcher import receive
 from fedinstruct.deploy.network import netns_unavailable_reason
 from fedinstruct.deploy.process import flower_env
 from fedinstruct.deploy.warm import (
@@ -36,33 +36,6 @@ from fedinstruct.deploy.warm import (
 from fedinstruct.deploy.warm import main as warm_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-ECHO_PYPROJECT = """
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "echoapp"
-version = "1.0.0"
-description = "Echoes each node's partition id"
-license = "Apache-2.0"
-dependencies = ["flwr>=1.41"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["echoapp"]
-
-[tool.flwr.app]
-publisher = "fedinstruct"
-
-[tool.flwr.app.components]
-serverapp = "echoapp.server:app"
-clientapp = "echoapp.client:app"
-
-[tool.flwr.app.config]
-num-nodes = 2
-wait-s = 30
-"""
 
 ECHO_SERVER = """
 import time
@@ -110,20 +83,19 @@ def echo(msg: Message, context: Context) -> Message:
 """
 
 
-def write_echo_app(root: Path) -> Path:
+@pytest.fixture
+def echo_app(tmp_path, write_flower_app) -> Path:
     """A minimal Flower app: one query round, every node echoes its partition id."""
-    (root / "echoapp").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(ECHO_PYPROJECT)
-    (root / "echoapp" / "__init__.py").write_text("")
-    (root / "echoapp" / "server.py").write_text(textwrap.dedent(ECHO_SERVER))
-    (root / "echoapp" / "client.py").write_text(textwrap.dedent(ECHO_CLIENT))
-    return root
+    return write_flower_app(tmp_path / "app", "echoapp",
+                            {"server": ECHO_SERVER, "client": ECHO_CLIENT},
+                            config={"num-nodes": 2, "wait-s": 30},
+                            description="Echoes each node's partition id")
 
 
 @pytest.mark.slow  # a real deployment
 def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(
-        tmp_path, processes_with_home_under):
-    app = write_echo_app(tmp_path / "app")
+        tmp_path, echo_app, processes_with_home_under):
+    app = echo_app
     work = tmp_path / "deploy"
     netns_expected = netns_unavailable_reason() is None
     dep = LocalDeployment(app, num_nodes=2, tls=True, auth=True, workdir=work,
@@ -179,8 +151,8 @@ def test_tls_auth_deployment_runs_app_refuses_unregistered_node_and_cleans_up(
         assert dep.network is not None and getattr(dep.network, "tag", "") not in namespaces
 
 
-def test_port_in_use_fails_before_starting_anything(tmp_path):
-    app = write_echo_app(tmp_path / "app")
+def test_port_in_use_fails_before_starting_anything(tmp_path, echo_app):
+    app = echo_app
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))  # taken on every address, the deployment's included
         busy.listen()
@@ -340,16 +312,6 @@ class FakeWarmServer:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
-
-
-def receive(conn: socket.socket, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 def fake_request(sleep_s: float = 0.0, code: int = 0, **change: object) -> bytes:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,33 +22,6 @@ from flwr.clientapp import ClientApp
 from fedinstruct.deploy import LocalDeployment
 from fedinstruct.deploy.warm import WarmServer
 from fedinstruct.deploy.warm_task import app_location, leave_hints, take_hint, write_hint
-
-PYPROJECT = """
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "warmapp"
-version = "1.0.0"
-description = "Reports whether its task was forked with a prewarmed process"
-license = "Apache-2.0"
-dependencies = ["flwr>=1.41"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["warmapp"]
-
-[tool.flwr.app]
-publisher = "fedinstruct"
-
-[tool.flwr.app.components]
-serverapp = "warmapp.server:app"
-clientapp = "warmapp.client:app"
-
-[tool.flwr.app.config]
-record = ""
-wait-s = 60
-"""
 
 CLIENT = """
 import json
@@ -117,19 +89,19 @@ def main(grid: Grid, context: Context) -> None:
 """
 
 
-def write_app(root: Path) -> Path:
-    (root / "warmapp").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(PYPROJECT)
-    (root / "warmapp" / "__init__.py").write_text("")
-    (root / "warmapp" / "client.py").write_text(textwrap.dedent(CLIENT))
-    (root / "warmapp" / "server.py").write_text(textwrap.dedent(SERVER))
-    return root
+@pytest.fixture
+def app_dir(tmp_path, write_flower_app) -> Path:
+    """The app's folder (a Flower app project named warmapp)."""
+    return write_flower_app(
+        tmp_path / "app", "warmapp", {"client": CLIENT, "server": SERVER},
+        config={"record": "", "wait-s": 60},
+        description="Reports whether its task was forked with a prewarmed process")
 
 
 @pytest.fixture
-def warmapp(tmp_path, monkeypatch):
+def warmapp(app_dir, monkeypatch):
     """The app's folder, importable here; ClientApp and sys.modules restored afterwards."""
-    root = write_app(tmp_path / "app")
+    root = app_dir
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setattr(ClientApp, "__call__", ClientApp.__call__)  # undoes leave_hints
     yield root
@@ -194,8 +166,8 @@ def test_the_server_runs_the_hinted_apps_prewarm_hook_once_per_hint(warmapp, tmp
 
 
 @pytest.mark.slow
-def test_a_warm_node_prewarms_after_its_first_task_and_forks_the_next_from_it(tmp_path):
-    app, record = write_app(tmp_path / "app"), tmp_path / "record.jsonl"
+def test_a_warm_node_prewarms_after_its_first_task_and_forks_the_next_from_it(tmp_path, app_dir):
+    app, record = app_dir, tmp_path / "record.jsonl"
     with LocalDeployment(app, num_nodes=1, tls=False, auth=False, isolation="loopback",
                          workdir=tmp_path / "deploy", run_config={"record": str(record)},
                          warm=True) as dep:

@@ -2,7 +2,8 @@
 
 - `local`: `LocalDeployment`, every component as its own process (and network namespace) here;
 - `components`: starting, waiting for and restarting the SuperLink, SuperNodes (`NodeHandle`)
-  and their warm app servers (`warm`: the server, `warm_task`: its forked tasks);
+  and their warm app servers (`warm`: the server loop, `warm_setup`: its process's warm-up,
+  `warm_requests`: its socket, peer checks and requests, `warm_task`: its forked tasks);
 - `topology`: the command lines of each component, shared with the generated Compose files;
 - `run`: submitted runs (`RunHandle`, `RunResult`);
 - `process`: starting, watching and stopping the Flower processes;

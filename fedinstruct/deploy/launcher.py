@@ -9,7 +9,9 @@ is not a process of the launcher's own user (SO_PEERCRED; see `fedinstruct.deplo
 
 from __future__ import annotations
 
+import inspect
 import os
+import socket
 import struct
 import sys
 from collections.abc import Iterable
@@ -56,7 +58,22 @@ conn.sendmsg([struct.pack("!I", len(request)) + request],
              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
-def receive(size):
+{receive}
+
+answer = receive(conn, 8)
+child = struct.unpack("!q", answer)[0] if answer else 0
+if child <= 0:
+    conn.close()
+    cold()
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda number, frame: os.kill(child, number))
+status = receive(conn, 4)
+sys.exit(struct.unpack("!i", status)[0] if status else 1)
+'''
+
+
+def receive(conn: socket.socket, size: int) -> bytes | None:
+    """Exactly size bytes from conn, or None if it closes first (the server's answers)."""
     data = b""
     while len(data) < size:
         chunk = conn.recv(size - len(data))
@@ -66,16 +83,9 @@ def receive(size):
     return data
 
 
-answer = receive(8)
-child = struct.unpack("!q", answer)[0] if answer else 0
-if child <= 0:
-    conn.close()
-    cold()
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(sig, lambda number, frame: os.kill(child, number))
-status = receive(4)
-sys.exit(struct.unpack("!i", status)[0] if status else 1)
-'''
+# The launcher runs with `python -S` and imports nothing of fedinstruct (it must start fast and
+# work without it), so it gets this function's source rather than an import.
+RECEIVE = inspect.getsource(receive)
 
 
 def write_launchers(folder: Path, commands: Iterable[str], python: str = sys.executable) -> Path:
@@ -86,7 +96,8 @@ def write_launchers(folder: Path, commands: Iterable[str], python: str = sys.exe
         real = bin_dir / command
         path = folder / command
         path.write_text(LAUNCHER.format(python=python, command=command, env=SOCKET_ENV,
-                                        real=str(real if real.exists() else command)))
+                                        real=str(real if real.exists() else command),
+                                        receive=RECEIVE))
         path.chmod(0o755)
     return folder
 

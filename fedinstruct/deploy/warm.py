@@ -20,20 +20,18 @@ which forks a child that runs Flower's real entry point and reports its exit cod
   module from the FAB and calls its `prewarm(run_config, node_config)` hook (if it has one),
   e.g. to load the run's base model, so the next task starts with it in memory (shared
   copy-on-write) instead of loading it. The app itself knows nothing of the warm server.
-- The server runs math libraries single-threaded: OpenMP's thread pool does not survive a
-  fork (a child forked after a multi-threaded op hangs in its first one). Each child gets its
-  thread count back (OMP_NUM_THREADS, else the default) before it runs.
+- The server runs math libraries single-threaded (OpenMP's thread pool does not survive a
+  fork); each child gets its thread count back before it runs (`warm_setup`).
+- Local trust: only processes of the server's own user are served (private socket folder,
+  SO_PEERCRED peer check); requests are read without blocking, with a deadline
+  (`--request-timeout`) and a size limit, and checked before anything is forked
+  (`warm_requests`). Each child asks the kernel for SIGKILL when the server dies
+  (PR_SET_PDEATHSIG), so no task outlives a killed server.
 
-- Local trust: only processes of the server's own user are served. The socket is created
-  with mode 600 (under umask 177) inside a folder of mode 700 (made, or checked, at start);
-  every connection's peer uid is checked with SO_PEERCRED (others are refused and logged),
-  and the launchers check the server's uid the same way. Requests are read without blocking,
-  with a deadline (`--request-timeout`) and a size limit; malformed requests and hints are
-  logged and refused and the server goes on. Each child asks the kernel for SIGKILL when the
-  server dies (PR_SET_PDEATHSIG), so no task outlives a killed server.
-
-This module is the server (and its command line); what a forked child does, and the hints it
-leaves, is `fedinstruct.deploy.warm_task`.
+This module is the server loop (and its command line). How its process is prepared (pre-imports,
+threads, logging) is `fedinstruct.deploy.warm_setup`; its socket, peer checks and the reading
+and checking of requests, `fedinstruct.deploy.warm_requests`; what a forked child does, and the
+hints it leaves, `fedinstruct.deploy.warm_task`.
 
     python -m fedinstruct.deploy.warm flwr-clientapp --app fedinstruct.client_app \\
         --socket /run/fi/node.sock --shims /run/fi/bin
@@ -43,9 +41,7 @@ leaves, is `fedinstruct.deploy.warm_task`.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
-import gc
 import importlib
 import json
 import logging
@@ -53,24 +49,36 @@ import os
 import select
 import signal
 import socket
-import stat
-import struct
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedinstruct.deploy.launcher import (
     EXIT,
-    HEADER,
     PID,
     READY,
     SOCKET_ENV,
     route_to_server,
     server_command,
     write_launchers,
+)
+from fedinstruct.deploy.warm_requests import (
+    MAX_PENDING,
+    PendingRequest,
+    RequestDropped,
+    RequestRefused,
+    WarmServerError,
+    listen_privately,
+    peer_of_this_user,
+    private_folder,
+)
+from fedinstruct.deploy.warm_setup import (
+    drop_app_modules,
+    log_to_stdout,
+    single_threaded,
+    warm_up,
 )
 from fedinstruct.deploy.warm_task import (
     die_with_parent,
@@ -86,161 +94,14 @@ __all__ = ["READY", "SOCKET_ENV", "WarmServer", "WarmServerError", "leave_hints"
            "route_to_server", "server_command", "take_hint"]
 
 
-def warm_up(app_modules: Sequence[str], preload: Sequence[str] = ()) -> None:
-    """Import the app modules and `preload`; then drop the app's own packages again.
-
-    What the app modules import (torch, transformers, ...) stays loaded; the app's top-level
-    packages are dropped, so that each child imports them from the run's FAB. A failed import
-    is logged, not fatal: the children then import it themselves and report the error.
-    """
-    for module in [*preload, *app_modules]:
-        start = time.perf_counter()
-        try:
-            importlib.import_module(module)
-            log.info("pre-imported %s in %.1f s", module, time.perf_counter() - start)
-        except Exception:
-            log.exception("could not pre-import %s; children will import it themselves", module)
-    drop_app_modules(app_modules)
-
-
-def drop_app_modules(app_modules: Sequence[str]) -> None:
-    """Forget the app's own packages, so that each child imports them from the run's FAB."""
-    for package in {module.split(".")[0] for module in app_modules}:
-        own = [name for name in sys.modules if name == package or name.startswith(package + ".")]
-        for name in own:
-            del sys.modules[name]
-        log.info("dropped the %d modules of %s (children import it from the run's FAB)",
-                 len(own), package)
-    gc.collect()
-    gc.freeze()  # keep the garbage collector from touching (and copying) the shared pages
-
-
-def single_threaded() -> int:
-    """Make this process's math libraries single-threaded; return the children's count."""
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        threads = threads or torch.get_num_threads()
-        torch.set_num_threads(1)
-    with contextlib.suppress(ImportError):
-        from tqdm import tqdm
-
-        tqdm.monitor_interval = 0  # no monitor thread: forking must not copy a held lock
-    return threads or (os.cpu_count() or 1)
-
-
-MAX_REQUEST = 1 << 20  # bytes of one launcher request (argv, cwd, environment); more: refused
-MAX_PENDING = 32  # connections still sending their request; more: the oldest is dropped
-STDIO = (0, 1, 2)  # the only descriptors a request may pass (the launcher's stdio)
-FD_SPACE = socket.CMSG_SPACE(len(STDIO) * array.array("i").itemsize)
-REQUEST_FIELDS = {"command", "argv", "cwd", "env", "fds"}
-PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class WarmServerError(RuntimeError):
-    """The server cannot serve safely (e.g. its socket's folder is open to others)."""
-
-
-def private_folder(folder: Path) -> Path:
-    """Make (or check) folder: a real folder of this user that no one else may enter (700).
-
-    The socket and the prewarm hints live in it, so only this user's processes reach them.
-    """
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = os.lstat(folder)
-    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
-            or stat.S_IMODE(info.st_mode) & 0o077):
-        raise WarmServerError(
-            f"{folder} must be a folder of uid {os.geteuid()} that no one else can enter "
-            f"(mode 700); it is {stat.filemode(info.st_mode)}, owned by uid {info.st_uid}. "
-            "Give --socket a path inside a private folder (the server makes a missing one).")
-    return folder
-
-
-def listen_privately(path: Path) -> socket.socket:
-    """A listening Unix socket at path, mode 600, inside a private folder.
-
-    The socket is created under umask 177, so it never exists with wider permissions (no
-    chmod afterwards, no race).
-    """
-    private_folder(path.parent)
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    umask = os.umask(0o177)
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(umask)
-    listener.listen(64)
-    listener.setblocking(False)
-    return listener
-
-
-def peer_credentials(conn: socket.socket) -> tuple[int, int] | None:
-    """(pid, uid) of the process at the other end, from the kernel (SO_PEERCRED; Linux)."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
-    try:
-        pid, uid, _ = PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, option, PEERCRED.size))
-    except OSError:
-        return None
-    return pid, uid
-
-
-def parse_request(body: bytes, received_fds: int, commands: set[str]) -> dict:
-    """The launcher's request, checked field by field; ValueError says what is wrong."""
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"not JSON: {err}") from None
-    if not isinstance(request, dict):
-        raise ValueError(f"not a JSON object but {type(request).__name__}")
-    if set(request) != REQUEST_FIELDS:
-        raise ValueError(f"fields {sorted(request)}, expected {sorted(REQUEST_FIELDS)}")
-    command, argv, cwd, env, fds = (request[k] for k in ("command", "argv", "cwd", "env", "fds"))
-    if not isinstance(command, str) or command not in commands:
-        raise ValueError(f"command {command!r} is not served here ({sorted(commands)})")
-    if not isinstance(argv, list) or not all(isinstance(a, str) and "\0" not in a
-                                             for a in argv):
-        raise ValueError("argv must be a list of strings")
-    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
-        raise ValueError("cwd must be an absolute path")
-    if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and k and "=" not in k
-            and "\0" not in k + v for k, v in env.items()):
-        raise ValueError("env must map variable names to strings")
-    if (not isinstance(fds, list) or len(fds) != received_fds or len(set(fds)) != len(fds)
-            or not all(type(fd) is int and fd in STDIO for fd in fds)):
-        raise ValueError(f"fds {fds!r} do not name the {received_fds} descriptors passed "
-                         f"(each one of {STDIO})")
-    return request
-
-
-@dataclass
-class _Pending:
-    """A connection whose request is still arriving."""
-
-    pid: int
-    deadline: float
-    data: bytearray = field(default_factory=bytearray)
-    fds: list[int] = field(default_factory=list)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-
-
 class WarmServer:
     """Accepts launcher requests on a Unix socket and forks a child for each (one thread).
 
     Only processes of the server's own user are served: the socket is mode 600 in a folder of
     mode 700, and every connection's peer is checked with SO_PEERCRED. A request is read
-    without blocking, within `request_timeout` seconds and `MAX_REQUEST` bytes, so a stalled
-    or hostile client holds up no one else; a malformed one is logged and refused (its
-    launcher, if any, then runs the command itself). Children die with the server.
+    without blocking, within `request_timeout` seconds and `warm_requests.MAX_REQUEST` bytes,
+    so a stalled or hostile client holds up no one else; a malformed one is logged and refused
+    (its launcher, if any, then runs the command itself). Children die with the server.
     """
 
     def __init__(self, socket_path: Path, commands: Sequence[str], *, threads: int = 1,
@@ -254,7 +115,7 @@ class WarmServer:
         # where the children leave their hints (main: prewarm=True when flwr-clientapp is served)
         self.hint = socket_path.with_suffix(".hint.json") if prewarm and self.apps else None
         self.prewarmed = ""  # the hint last acted on
-        self.pending: dict[socket.socket, _Pending] = {}  # connections still sending
+        self.pending: dict[socket.socket, PendingRequest] = {}  # connections still sending
         self.children: dict[int, socket.socket] = {}  # pid -> its launcher's connection
         self.orphans: set[int] = set()  # children whose launcher was killed (signalled)
         self.started: dict[int, float] = {}  # pid -> when it was forked
@@ -310,11 +171,8 @@ class WarmServer:
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        peer = peer_credentials(conn)
-        if peer is None or peer[1] != os.geteuid():
-            who = "an unknown peer" if peer is None else f"pid {peer[0]} (uid {peer[1]})"
-            log.warning("refused a connection from %s: this server serves uid %d only",
-                        who, os.geteuid())
+        pid = peer_of_this_user(conn)
+        if pid is None:
             conn.close()
             return
         conn.setblocking(False)
@@ -323,52 +181,23 @@ class WarmServer:
             log.warning("%d connections are still sending; dropped the oldest (pid %d)",
                         len(self.pending), self.pending[oldest].pid)
             self._drop(oldest)
-        self.pending[conn] = _Pending(peer[0], time.monotonic() + self.request_timeout)
+        self.pending[conn] = PendingRequest(pid, time.monotonic() + self.request_timeout)
 
     def _read(self, conn: socket.socket, listener: socket.socket) -> None:
         """Read what has arrived of a request; once complete, check it and fork its child."""
         pending = self.pending[conn]
         try:
-            data, ancillary, flags, _ = conn.recvmsg(1 << 16, FD_SPACE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            log.warning("dropped the connection of pid %d: %s", pending.pid, err)
+            request = pending.read(conn, self.commands)
+        except RequestDropped as err:
+            log.warning("%s", err)
             self._drop(conn)
             return
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                pending.fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-        if flags & socket.MSG_CTRUNC or len(pending.fds) > len(STDIO):
-            self._refuse(conn, f"more than {len(STDIO)} file descriptors")
-            return
-        if not data:
-            log.warning("pid %d closed its connection before sending a whole request",
-                        pending.pid)
-            self._drop(conn)
-            return
-        pending.data += data
-        if len(pending.data) < HEADER.size:
-            return
-        (size,) = HEADER.unpack_from(pending.data)
-        if size > MAX_REQUEST:
-            self._refuse(conn, f"a request of {size} bytes (limit {MAX_REQUEST})")
-            return
-        received = len(pending.data) - HEADER.size
-        if received > size:
-            self._refuse(conn, f"{received} bytes after a header announcing {size}")
-            return
-        if received < size:
-            return
-        del self.pending[conn]
-        try:
-            request = parse_request(bytes(pending.data[HEADER.size:]), len(pending.fds),
-                                    self.commands)
-        except ValueError as err:
-            self.pending[conn] = pending
+        except RequestRefused as err:
             self._refuse(conn, str(err))
             return
-        self._fork(conn, request, pending.fds, listener)
+        if request is not None:
+            del self.pending[conn]
+            self._fork(conn, request, pending.fds, listener)
 
     def _refuse(self, conn: socket.socket, reason: str) -> None:
         """Log and refuse a request: its launcher runs the command itself."""
@@ -405,7 +234,7 @@ class WarmServer:
             pid = os.fork()
         except OSError as err:  # e.g. out of processes: the launcher runs the command itself
             log.warning("could not fork %s: %s", request["command"], err)
-            self.pending[conn] = _Pending(0, 0.0, fds=list(fds))
+            self.pending[conn] = PendingRequest(0, 0.0, fds=list(fds))
             self._refuse(conn, "no child could be forked")
             return
         if pid == 0:  # the child: never returns into the server loop
@@ -543,13 +372,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                request_timeout=args.request_timeout).serve()
 
 
-def log_to_stdout() -> None:
-    """The server's log lines on stdout (its own format, not propagated)."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s warm %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 if __name__ == "__main__":
