@@ -203,10 +203,11 @@ def test_full_round_trip_two_clients() -> None:
         assert set(indices) <= set(clients[k].representatives.tolist())
 
 
-# --- privacy ----------------------------------------------------------------------------------
+# --- privacy: the heuristic option (no guarantee; DP centroids: test_centroid_dp.py) -----------
 
 
 def test_privatize_bounds_and_noise_statistics() -> None:
+    """selection.fedhds.noise_sigma: tanh, then N(0, sigma^2); heuristic, no stated epsilon."""
     centroids = np.random.default_rng(0).normal(0.0, 20.0, (5000, 4)).astype(np.float32)
     plain = privatize_centroids(centroids, sigma=0.0, rng=np.random.default_rng(1))
     again = privatize_centroids(centroids, sigma=0.0, rng=np.random.default_rng(2))
