@@ -23,6 +23,7 @@ from fedinstruct.compose import config_from_run_config
 from fedinstruct.config import RunConfig
 from fedinstruct.logs import setup_logging
 from fedinstruct.methods.base import client_method
+from fedinstruct.privacy import secagg_client
 from fedinstruct.privacy.dp import clipping_mod
 from fedinstruct.protocol import (
     WEIGHT,
@@ -88,7 +89,9 @@ def handle_select(cfg: RunConfig, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     centroids, ids, weights = client_method(cfg)[1].summarize(client, context, loaded,
                                                               instruction)
-    metrics = {"local-samples": len(client.dataset), "time-select": time.perf_counter() - start}
+    metrics = {"time-select": time.perf_counter() - start}
+    if not cfg.privacy.centroid_dp:  # an exact count is outside the centroids' guarantee
+        metrics["local-samples"] = len(client.dataset)
     return select_reply(msg, centroids, ids, weights, metrics)
 
 
@@ -118,6 +121,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        if secagg_client.is_secagg(msg):  # a secure run: Flower's SecAgg+ around the training
+            return secagg_client.serve(msg, context, lambda m, c: run(handle_train, m, c))
         return run(handle_train, msg, context)
 
     @client_app.train("select")

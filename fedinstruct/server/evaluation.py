@@ -38,7 +38,7 @@ class HeldOutSet:
         self.cfg = cfg
         self.metrics = tuple(cfg.eval.metrics)
         if data is None:
-            data, sources = test_dataset(cfg), held_out_sources(cfg)
+            data = test_dataset(cfg)
         self.options, self.answers = check_held_out(cfg, data, sources)
         self.examples, self.stats = [], {}
         if "loss" in self.metrics:

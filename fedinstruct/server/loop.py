@@ -315,6 +315,7 @@ def _summary(row: dict[str, Any]) -> str:
         ("train_loss", "train_loss {:.4f}"),
         ("train_samples", "samples {}"),
         ("dp_epsilon", "epsilon {:.3f}"),
+        ("dp_centroid_epsilon", "centroid epsilon {:.3f}"),
         ("bytes_up", "up {:,} B"),
         ("time_round", "{:.1f} s"),
     ):

@@ -203,7 +203,8 @@ class RunOutput:
             ("loss", [k for k in ("eval_loss", "train_loss", "emu_eval_loss") if _has(rows, k)]),
             ("Rouge-L", [k for k in ("eval_rougeL", "emu_eval_rougeL") if _has(rows, k)]),
             ("samples trained", [k for k in ("train_samples",) if _has(rows, k)]),
-            ("privacy spent (epsilon)", [k for k in ("dp_epsilon",) if _has(rows, k)]),
+            ("privacy spent (epsilon)",
+             [k for k in ("dp_epsilon", "dp_centroid_epsilon") if _has(rows, k)]),
             ("seconds", [k for k in sorted(rows[-1]) if k.startswith("time_") and _has(rows, k)]),
         ]
         panels = [p for p in panels if p[1]]

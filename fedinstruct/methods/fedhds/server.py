@@ -4,6 +4,12 @@ FedHDS (Qin et al., ACL Findings'25): every `reselect_every` rounds each client 
 own samples and sends the centroids only; the server clusters all centroids and tells each
 client which of its local clusters won. The selection's round and adapter are checkpointed,
 so a resumed run replays it (clients keep their clustering only for one run).
+
+With `privacy.centroid_dp` every selection stage is one Gaussian release per client (see
+`clustering.py`: multiplier z / sqrt(2), sample-level, within one client). The server charges
+one release per stage it sends, replays included (a replay draws fresh noise), and writes the
+epsilon spent so far at `privacy.delta` into every round's row as `dp_centroid_epsilon`: an
+upper bound for every client, computed from the config and the number of stages alone.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from fedinstruct.config import ConfigError, RunConfig
 from fedinstruct.methods.base import Send, ServerSelection
 from fedinstruct.methods.fedhds.baselines import matched_counts
-from fedinstruct.methods.fedhds.clustering import select_global
+from fedinstruct.methods.fedhds.clustering import effective_noise_multiplier, select_global
+from fedinstruct.privacy.accountant import Accountant, Release
 from fedinstruct.protocol import (
     ADAPTER_RECORD,
     CONFIG_RECORD,
@@ -69,9 +76,24 @@ class FedHDSSelection(ServerSelection):
         self._selection: tuple[int, ArrayRecord] | None = None  # (round, adapter) of the last
         self._replay = False  # resumed between two selections
         self._selected: dict[int, list[int]] = {}  # node -> winning cluster ids, last stage
+        # privacy.centroid_dp: one Gaussian release per selection stage sent
+        self.centroid_accountant = Accountant(cfg.privacy.delta)
+
+    def centroid_release(self) -> Release:
+        """What one selection stage releases under privacy.centroid_dp, for the accountant."""
+        return Release(effective_noise_multiplier(self.cfg.privacy.centroid_noise_multiplier))
 
     def stage(self, server_round: int, arrays: ArrayRecord, send: Send, row: dict[str, Any]
               ) -> dict[int, list[int]] | None:
+        selected = self._stage(server_round, arrays, send, row)
+        if self.cfg.privacy.centroid_dp:  # the spend so far, also in rounds without a stage
+            row["dp_centroid_epsilon"] = self.centroid_accountant.epsilon()
+            row["dp_centroid_delta"] = self.cfg.privacy.delta
+            row["dp_centroid_releases"] = len(self.centroid_accountant.releases)
+        return selected
+
+    def _stage(self, server_round: int, arrays: ArrayRecord, send: Send, row: dict[str, Any]
+               ) -> dict[int, list[int]] | None:
         reselect = (server_round - 1) % self.cfg.selection.reselect_every == 0
         if not (reselect or self._replay):
             return None
@@ -97,6 +119,8 @@ class FedHDSSelection(ServerSelection):
                               CONFIG_RECORD: ConfigRecord({SERVER_ROUND: selection_round})})
         messages = [Message(content, dst_node_id=node, message_type=SELECT)
                     for node in send.node_ids()]
+        if self.cfg.privacy.centroid_dp:  # charged when sent: a client releases on receipt
+            self.centroid_accountant.charge(self.centroid_release())
         replies: list[Centroids] = []
         for reply in send(messages, f"round {selection_round} selection"):
             try:
@@ -129,12 +153,17 @@ class FedHDSSelection(ServerSelection):
         return selected
 
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # the multipliers, not a count: a resumed run with another z still accounts the old ones
+        spent = [r.noise_multiplier for r in self.centroid_accountant.releases]
+        releases = {"centroid_dp_releases": spent} if spent else {}
         if self._selection is None:
-            return {}, {}
+            return {}, releases
         selection_round, arrays = self._selection
-        return arrays.to_torch_state_dict(), {"selection_round": selection_round}
+        return arrays.to_torch_state_dict(), {"selection_round": selection_round, **releases}
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         if tensors and "selection_round" in state:
             self._selection = (int(state["selection_round"]), ArrayRecord(tensors))
             self._replay = True
+        self.centroid_accountant.releases = [
+            Release(float(z)) for z in state.get("centroid_dp_releases", [])]
