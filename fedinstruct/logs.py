@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 
 VERBOSE_ENV = "FEDINSTRUCT_VERBOSE"
@@ -60,6 +61,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose() else level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose() and not sys.stderr.isatty():  # a log, not a terminal: one line a refresh
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read on import
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
     _filter_noise()
@@ -93,6 +96,10 @@ def setup_ray_worker() -> None:
     """Ray's `worker_process_setup_hook` (fedinstruct/simulation.py): runs in each simulation
     worker before it imports the ClientApp, so the filters are in place before the libraries
     log, and no progress bars: Ray forwards each refresh of a bar as a line of its own."""
+    # Flower's Ray transport shows every DeprecationWarning once, by a filter it puts first
+    # when imported: import it first, so that the filters of setup_logging come before it.
+    import flwr.simulation.ray_transport.utils  # noqa: F401
+
     setup_logging()
     if not verbose():
         _no_progress_bars()

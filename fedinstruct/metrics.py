@@ -10,13 +10,15 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
 import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from fedinstruct.data import IGNORE_INDEX, TokenizedExample, pad_batch, tokenize_example
+
+if TYPE_CHECKING:  # the CLI checks data with this module before transformers is needed
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_METRICS = ("loss", "rougeL")
 GENERATION_METRICS = ("rougeL", "exact_match", "numeric_match")  # scored on greedy generations
@@ -45,6 +47,8 @@ class EvalResult:
 # -- scores of text --------------------------------------------------------------------------
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean Rouge-L F-measure (rouge-score, stemmed), as FedIT and FedHDS report it."""
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [
         scorer.score(ref, pred)["rougeL"].fmeasure

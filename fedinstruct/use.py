@@ -264,13 +264,14 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """`fedinstruct eval|generate|export ...`; returns the exit status."""
-    from fedinstruct.data import DatasetError
-    from fedinstruct.server.output import OutputInUse
-
     args = _parser().parse_args(list(argv))
     if args.verbose:
         set_verbose(True)
-    setup_logging()
+    setup_logging()  # before the libraries load: they read its settings on import
+
+    from fedinstruct.data import DatasetError
+    from fedinstruct.server.output import OutputInUse
+
     debug = args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         _dispatch(args)

@@ -79,6 +79,13 @@ def test_a_run_that_cannot_start_fails_before_it_starts(tmp_path):
         assert "Base model loaded" not in result.stderr + result.stdout
 
 
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _bad_jsonl(path):
     rows = [{"instruction": f"q{i}", "response": f"a{i}", "category": f"c{i % 3}"}
             for i in range(30)]
@@ -93,14 +100,17 @@ def test_a_bad_row_fails_in_seconds_with_one_line(tmp_path):
     bad = _bad_jsonl(tmp_path / "bad.jsonl")
     args = ["model=tiny", "dataset=custom", f"dataset.source={bad}",
             f"hydra.run.dir={tmp_path}/run"]
-    start = time.perf_counter()
+    cpu_before, start = _children_cpu(), time.perf_counter()
     result = _run(args, tmp_path)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _children_cpu() - cpu_before
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == (
         f"fedinstruct: {bad}, line 19, row 17, field 'response': missing field "
         "(row has: instruction, category)"), result.stderr[-2000:]
-    assert elapsed < 5, f"the bad row took {elapsed:.1f} s to report"
+    assert cpu < 5, f"the bad row took {cpu:.1f} s of CPU to report"
+    # ~3 s on 2 free cores; on a machine busier than its cores, wall time measures the others
+    if os.getloadavg()[0] < (os.cpu_count() or 1):
+        assert elapsed < 5, f"the bad row took {elapsed:.1f} s to report"
     debug = _run(["--debug", *args], tmp_path)
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "DatasetError" in debug.stderr

@@ -119,8 +119,8 @@ def row_options(data: Dataset, sources: Sequence[str], column: str
                            "of eval.metrics=choice_accuracy; eval.choices_column names it)",
                            field=column)
     found = []
-    for row in range(len(data)):
-        texts = [data[row][name] for name in ("instruction", "context", "response")]
+    for row in data.select_columns(["instruction", "context", "response"]).to_list():
+        texts = [row["instruction"], row["context"], row["response"]]
         candidates = sorted(set.intersection(*(index.get(t, set()) for t in texts if t)))
         parsed = {json.dumps(_options(*records[c], column)) for c in candidates}
         if len(parsed) != 1:

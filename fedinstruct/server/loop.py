@@ -30,20 +30,48 @@ from fedinstruct.protocol import (
     Layout,
     ProtocolError,
     TrainUpdate,
+    codec_of,
+    encode,
+    pack,
     read_evaluate_reply,
     read_train_reply,
     seal,
     with_config,
 )
 from fedinstruct.server.output import RunOutput
+from fedinstruct.wire import DELTA, message_bytes
 
 log = logging.getLogger(__name__)
 
 
+MB = 1e6  # wire.budget_mb and the ledger's MB: decimal megabytes
+
+
 def record_bytes(msg: Message) -> int:
     """Bytes of the tensors a message carries (the serialized arrays, headers included)."""
-    records = msg.content.array_records.values()
-    return sum(len(array.data) for record in records for array in record.values())
+    return sum(record_size(record) for record in msg.content.array_records.values())
+
+
+def record_size(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())
+
+
+def encoded_update_size(layout: Layout, wire: Any) -> int:
+    """Bytes of one client's update of `layout` in `wire`'s format (headers included)."""
+    size = sum(math.prod(shape) for shape in layout.values())
+    codec = codec_of(wire)
+    if codec.plain:
+        return record_size(pack({"x": np.zeros(size, np.float32)}))
+    return message_bytes(codec.encode(np.zeros(size, np.float32), DELTA)[0])
+
+
+def _bytes_so_far(rows: list[dict[str, Any]]) -> list[int]:
+    """[down, up] of a resumed run's completed rounds (runs before the ledger: their sum)."""
+    with_totals = [r for r in rows if "bytes_down_total" in r]
+    if with_totals:
+        return [int(with_totals[-1]["bytes_down_total"]), int(with_totals[-1]["bytes_up_total"])]
+    return [sum(int(r.get("bytes_down", 0)) for r in rows),
+            sum(int(r.get("bytes_up", 0)) for r in rows)]
 
 
 class _Sender:
@@ -52,6 +80,7 @@ class _Sender:
     def __init__(self, run: FederatedRun) -> None:
         self.run = run
         self.bytes_down = self.bytes_up = 0
+        self.sealed: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}  # encoded once a round
 
     def node_ids(self) -> list[int]:
         return list(self.run.grid.get_node_ids())
@@ -59,12 +88,12 @@ class _Sender:
     def __call__(self, messages: list[Message], label: str, min_replies: int | None = None
                  ) -> list[Message]:
         method, fed = self.run.method, self.run.cfg.federation
-        messages = [seal(m) for m in method.address(messages)]
+        messages = [seal(m, self.run.cfg.wire, self.sealed) for m in method.address(messages)]
         quorum = fed.min_replies if min_replies is None else min_replies
         replies = exchange(self.run.grid, messages, timeout=fed.round_timeout,
                            min_replies=quorum, label=label)
         method.delivered(messages, replies)
-        self.bytes_down += sum(record_bytes(m) for m in messages)  # as sent: packed
+        self.bytes_down += sum(record_bytes(m) for m in messages)  # as sent: packed/encoded
         self.bytes_up += sum(record_bytes(r) for r in replies)
         return replies
 
@@ -74,15 +103,42 @@ class FederatedRun:
                  ) -> None:
         self.cfg, self.grid, self.method, self.output = cfg, grid, method, output
         self.strategy = method.strategy
+        self.bytes_total = [0, 0]  # down, up: every exchange of the run so far
+        self._last_round_bytes = 0
 
     def run(self) -> ArrayRecord:
         start_round, arrays = self._start()
+        if start_round > 1:  # resumed: the ledger goes on from the last completed round
+            self.bytes_total = _bytes_so_far(self.output.read_metrics())
         for server_round in range(start_round, self.cfg.num_rounds + 1):
-            if self._budget_spent(server_round):
+            if self._budget_spent(server_round) or self._wire_budget_spent(server_round,
+                                                                            arrays):
                 break
             arrays = self._round(server_round, arrays)
-        log.info("Run finished; outputs in %s", self.output.folder)
+        log.info("Run finished; %.3f MB exchanged (down %.3f MB, up %.3f MB); outputs in %s",
+                 sum(self.bytes_total) / MB, self.bytes_total[0] / MB, self.bytes_total[1] / MB,
+                 self.output.folder)
         return arrays
+
+    def _wire_budget_spent(self, server_round: int, arrays: ArrayRecord) -> bool:
+        """Whether the next round would take the run's traffic past wire.budget_mb (FlowerTune's
+        rule: a round that would exceed the budget is not started; the last checkpoint is the
+        previous round's). The round's cost is the larger of the last round's and the
+        adapter's encoded size down and up, times the nodes sampled."""
+        budget = self.cfg.wire.budget_mb
+        if budget is None:
+            return False
+        population = len(list(self.grid.get_node_ids())) or self.cfg.federation.num_clients
+        per_node = (record_size(encode(arrays, codec_of(self.cfg.wire).downlink()))
+                    + encoded_update_size(self.method.upload_layout(arrays), self.cfg.wire))
+        planned = max(self._last_round_bytes, self._sampled(population) * per_node)
+        spent = sum(self.bytes_total)
+        if spent + planned <= budget * MB:
+            return False
+        log.warning("round %d would take the run's traffic to about %.3f MB (%.3f MB so far, "
+                    "about %.3f MB a round), more than wire.budget_mb=%g: the run stops here",
+                    server_round, (spent + planned) / MB, spent / MB, planned / MB, budget)
+        return True
 
     def _budget_spent(self, server_round: int) -> bool:
         """Whether the next round would spend more than privacy.target_epsilon (the run then
@@ -150,7 +206,8 @@ class FederatedRun:
         replies = send(messages, f"round {server_round} train")
         row["time_train_phase"] = time.perf_counter() - t
         label = f"round {server_round}"
-        updates = within_caps(read_updates(replies, method.upload_layout(arrays), label),
+        updates = within_caps(read_updates(replies, method.upload_layout(arrays), label,
+                                           wire=cfg.wire, reference=arrays),
                               method.weight_cap, label)
         if len(replies) < len(messages):
             log.warning("round %d: %d of %d nodes did not reply in time or failed",
@@ -184,6 +241,13 @@ class FederatedRun:
         })
         if cfg.eval.federated:
             row.update(self._federated_evaluation(server_round, arrays, send))
+        # the run's ledger: every exchange of the round (selection, training, evaluation)
+        self._last_round_bytes = send.bytes_down + send.bytes_up
+        self.bytes_total = [self.bytes_total[0] + send.bytes_down,
+                            self.bytes_total[1] + send.bytes_up]
+        row.update({"bytes_down_total": self.bytes_total[0],
+                    "bytes_up_total": self.bytes_total[1],
+                    "mb_total": sum(self.bytes_total) / MB})
         row.update(method.evaluate(server_round, arrays))
 
         t = time.perf_counter()
@@ -245,12 +309,14 @@ class FederatedRun:
         self.output.save_checkpoint(server_round, tensors, state)
 
 
-def read_updates(replies: list[Message], layout: Layout, label: str) -> list[TrainUpdate]:
-    """The train replies that fit the protocol; each one that does not is logged and left out."""
+def read_updates(replies: list[Message], layout: Layout, label: str, *, wire: Any = None,
+                 reference: ArrayRecord | None = None) -> list[TrainUpdate]:
+    """The train replies that fit the protocol; each one that does not is logged and left out.
+    Encoded replies (`wire`) are decoded against `reference`, the round's global adapter."""
     updates = []
     for reply in replies:
         try:
-            updates.append(read_train_reply(reply, layout))
+            updates.append(read_train_reply(reply, layout, wire=wire, reference=reference))
         except ProtocolError as err:
             log.warning("%s: rejected update from node %s: %s", label,
                         reply.metadata.src_node_id, err)
@@ -312,11 +378,15 @@ def _summary(row: dict[str, Any]) -> str:
         ("eval_loss", "eval_loss {:.4f}"),
         ("eval_rougeL", "rougeL {:.4f}"),
         ("emu_eval_rougeL", "emu_rougeL {:.4f}"),
+        ("eval_exact_match", "exact_match {:.4f}"),
+        ("eval_numeric_match", "numeric_match {:.4f}"),
+        ("eval_choice_accuracy", "choice_acc {:.4f}"),
         ("train_loss", "train_loss {:.4f}"),
         ("train_samples", "samples {}"),
         ("dp_epsilon", "epsilon {:.3f}"),
         ("dp_centroid_epsilon", "centroid epsilon {:.3f}"),
         ("bytes_up", "up {:,} B"),
+        ("mb_total", "{:.3f} MB in all"),
         ("time_round", "{:.1f} s"),
     ):
         if key in row:

@@ -202,6 +202,9 @@ class RunOutput:
         panels = [
             ("loss", [k for k in ("eval_loss", "train_loss", "emu_eval_loss") if _has(rows, k)]),
             ("Rouge-L", [k for k in ("eval_rougeL", "emu_eval_rougeL") if _has(rows, k)]),
+            ("task metrics", [f"{p}_{m}" for p in ("eval", "emu_eval")
+                              for m in ("exact_match", "numeric_match", "choice_accuracy")
+                              if _has(rows, f"{p}_{m}")]),
             ("samples trained", [k for k in ("train_samples",) if _has(rows, k)]),
             ("privacy spent (epsilon)",
              [k for k in ("dp_epsilon", "dp_centroid_epsilon") if _has(rows, k)]),
