@@ -206,6 +206,7 @@ print("RESULTS " + json.dumps(results))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter per module: ~13 s; the static cycle check stays fast
 def test_every_module_imports_on_its_own(modules, repo_root):
     names = sorted(modules)
     done = subprocess.run([sys.executable, "-c", IMPORT_EACH, json.dumps(names)],
