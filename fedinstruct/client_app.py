@@ -5,7 +5,9 @@ Message types handled (see `fedinstruct.protocol`):
   train.select  global adapter in -> cluster centroids + integer ids out (FedHDS)
   evaluate      global adapter in -> loss on the client's held-out share out
 
-What leaves the client is only adapter tensors, centroids, integer ids and numbers.
+What leaves the client is only adapter tensors, centroids, integer ids and numbers; in a secure
+run (privacy.secure_aggregation) `train` answers Flower's SecAgg+ stages instead, and the update
+leaves only masked (`fedinstruct.privacy.secagg_client`).
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     rows = selection.rows(client, context, instruction)
     select_seconds = time.perf_counter() - start
+    received = _global_state(instruction, loaded)  # an encoded update is the delta from it
     state, result = client.train(
         loaded.model,
         loaded.tokenizer,
-        _global_state(instruction, loaded),
+        received,
         rows,
         server_round=instruction.server_round,
         proximal_weight=method.proximal_weight(instruction),
@@ -80,7 +83,7 @@ def handle_train(cfg: RunConfig, msg: Message, context: Context) -> Message:
         "time-load": loaded.load_seconds if fresh else 0.0,
         "time-select-local": select_seconds,
         "partition-id": client.partition_id,
-    })
+    }, wire=cfg.wire, reference=received, state=context.state)
 
 
 def handle_select(cfg: RunConfig, msg: Message, context: Context) -> Message:

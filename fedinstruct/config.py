@@ -338,6 +338,23 @@ class PrivacySettings:
 
 
 @dataclass
+class WireSettings:
+    """How adapters travel (fedinstruct/wire.py): the server sends the global adapter in
+    `format`, clients send their update as a delta from it in the same format."""
+
+    format: str = "fp32"  # fp32 | fp16 | bf16 | int8 | nf4 (int8, nf4: bitsandbytes, blockwise)
+    error_feedback: bool = True  # a client adds what it failed to send to its next update
+    top_k: float = 0.0  # the fraction of update entries sent, largest first (0: all)
+    budget_mb: float | None = None  # stop before a round would take the run past this (1e6 B)
+
+    FORMATS = ("fp32", "fp16", "bf16", "int8", "nf4")
+
+    def __post_init__(self) -> None:
+        _choice("wire.format", self.format, self.FORMATS)
+        _check("wire", self, top_k="in [0, 1)", budget_mb="> 0")
+
+
+@dataclass
 class RunConfig:
     """The whole run: what `conf/config.yaml` composes into."""
 
@@ -353,13 +370,28 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    wire: WireSettings = field(default_factory=WireSettings)
 
     def __post_init__(self) -> None:
         _check("", self, seed=">= 0", num_rounds="> 0")
         _check_privacy(self)
+        _check_wire(self)
         if self.strategy.name == "fedbiot" and self.model.lora.layers_to_transform is not None:
             raise ConfigError("model.lora.layers_to_transform must be null with strategy=fedbiot:"
                               " FedBiOT puts LoRA on the adapter and emulator layers itself")
+
+
+def _check_wire(cfg: RunConfig) -> None:
+    """An encoded update (any wire setting but plain fp32) is a quantized delta: client-side
+    clipping (Flower's clipping mod) and SecAgg+ masking work on the full float32 adapter."""
+    wire, privacy = cfg.wire, cfg.privacy
+    if wire.format == "fp32" and not wire.top_k:
+        return
+    if privacy.dp == "client" or privacy.secure_aggregation:
+        mode = "privacy.dp=client" if privacy.dp == "client" else "privacy.secure_aggregation"
+        raise ConfigError(f"{mode} needs wire.format=fp32 and wire.top_k=0 (got "
+                          f"{wire.format!r}, {wire.top_k:g}): it works on the full float32 "
+                          "update, not on an encoded delta")
 
 
 def _check_privacy(cfg: RunConfig) -> None:

@@ -11,6 +11,13 @@ ClientApp); a LoRA adapter has a hundred tensors or more, so per-object costs, n
 dominated a deployment's round. The receiver unpacks the array against names and shapes it
 already knows (its own model's adapter, or the reference the server sent), so no names travel.
 
+With `wire.format` other than fp32 (or `wire.top_k` > 0) the adapter record is encoded instead
+(`fedinstruct.wire`: a header, the codes, per-block scales, top-k indices; four arrays at
+most): the server sends the global adapter encoded (`seal`), a client sends its update as a
+delta from the adapter it received (`train_reply`, with error feedback in the node's state),
+and the server decodes it to float32 against the global adapter it sent (`read_train_reply`)
+before the same checks run on the result. fp32 stays the packed array described above.
+
 Message types:
   train          down: adapter + config        up: adapter (or FedBiOT's adapter part) + metrics
   train.select   down: adapter + config        up: cluster centroids, ids, weights + metrics
@@ -24,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +44,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+
+from fedinstruct.wire import DELTA, FULL, Codec, ErrorFeedback, PayloadError, decode, is_encoded
 
 # -- message types ----------------------------------------------------------------------------
 TRAIN = MessageType.TRAIN
@@ -92,13 +102,25 @@ def pack(state: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray]) -> ArrayR
     """One float32 array: every tensor flattened, in sorted-name order."""
     if isinstance(state, ArrayRecord) and list(state.keys()) == [PACKED]:
         return state  # packed already (messages of one round may share their records)
-    if isinstance(state, ArrayRecord):
-        tensors = {name: array.numpy() for name, array in state.items()}
-    else:
-        tensors = {name: np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t)
-                   for name, t in state.items()}
+    return ArrayRecord({PACKED: Array(flatten(state))})
+
+
+def flatten(state: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray | Array]) -> np.ndarray:
+    """Every tensor as float32, flattened and concatenated in sorted-name order (a packed
+    record: its one array)."""
+    if isinstance(state, ArrayRecord) and list(state.keys()) == [PACKED]:
+        return state[PACKED].numpy().astype(np.float32, copy=False)
+    tensors = {name: _as_numpy(t) for name, t in state.items()}
     flat = [tensors[name].astype(np.float32, copy=False).ravel() for name in sorted(tensors)]
-    return ArrayRecord({PACKED: Array(np.concatenate(flat) if flat else np.zeros(0, np.float32))})
+    return np.concatenate(flat) if flat else np.zeros(0, np.float32)
+
+
+def _as_numpy(tensor: torch.Tensor | np.ndarray | Array) -> np.ndarray:
+    if isinstance(tensor, Array):
+        return tensor.numpy()
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().cpu().numpy()
+    return np.asarray(tensor)
 
 
 def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
@@ -113,12 +135,22 @@ def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
     flat = _numpy(record[PACKED], f"'{PACKED}'")
     if flat.dtype != np.float32:
         raise ProtocolError(f"the packed adapter is {flat.dtype}, not float32")
-    sizes = [math.prod(layout[name]) for name in sorted(layout)]
-    if flat.ndim != 1 or flat.size != sum(sizes):
+    total = _layout_size(layout)
+    if flat.ndim != 1 or flat.size != total:
         raise ProtocolError(f"the packed adapter holds {flat.size} values of shape {flat.shape}; "
-                            f"{len(layout)} tensors need {sum(sizes)}")
+                            f"{len(layout)} tensors need {total}")
+    return _split(flat, layout)
+
+
+def _layout_size(layout: Layout) -> int:
+    return sum(math.prod(shape) for shape in layout.values())
+
+
+def _split(flat: np.ndarray, layout: Layout) -> ArrayRecord:
+    """A flat float32 vector of the layout's size as its named tensors."""
     arrays, start = {}, 0
-    for name, size in zip(sorted(layout), sizes, strict=True):
+    for name in sorted(layout):
+        size = math.prod(layout[name])
         arrays[name] = Array(np.ascontiguousarray(flat[start:start + size]).reshape(layout[name]))
         start += size
     # in the layout's own order: Flower's DP clipping pairs an update with the global arrays
@@ -126,10 +158,83 @@ def unpack(record: ArrayRecord, layout: Layout) -> ArrayRecord:
     return ArrayRecord({name: arrays[name] for name in layout})
 
 
-def seal(msg: Message) -> Message:
-    """Pack the adapter of an outgoing server message in place (other records as they are)."""
-    if ADAPTER_RECORD in msg.content.array_records:
-        msg.content[ADAPTER_RECORD] = pack(msg.content[ADAPTER_RECORD])
+# -- encoded adapters (wire.format) -----------------------------------------------------------
+def codec_of(wire: Any) -> Codec:
+    """The transport codec of `wire` (a WireSettings or a Codec; None: plain fp32)."""
+    if wire is None:
+        return Codec()
+    return wire if isinstance(wire, Codec) else Codec.of(wire)
+
+
+def encode(state: ArrayRecord | Mapping[str, torch.Tensor | np.ndarray], wire: Any,
+           kind: int = FULL) -> ArrayRecord:
+    """The adapter (or, kind DELTA, an update as a flat vector's tensors) in `wire`'s format:
+    a packed record for plain fp32, otherwise the few arrays of `fedinstruct.wire`."""
+    codec = codec_of(wire)
+    if codec.plain:
+        return pack(state)
+    arrays, _ = codec.encode(flatten(state), kind)
+    return _record(arrays)
+
+
+def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def read_adapter(record: ArrayRecord, layout: Layout, *, wire: Any = None, kind: int = FULL,
+                 reference: ArrayRecord | Mapping[str, Any] | None = None) -> ArrayRecord:
+    """The float32 tensors of an adapter record, packed or encoded, checked against `layout`.
+
+    `wire`: the format the reader expects (None: a packed record, or any encoded format, as a
+    client reads the server's adapter). kind DELTA: the record is an update from `reference`
+    (the adapter the sender started from; only `layout`'s names of it are used), and the
+    result is reference + update. Raises ProtocolError naming the field.
+    """
+    codec = codec_of(wire)
+    encoded = is_encoded(record.keys())
+    if not encoded:
+        if wire is not None and not codec.plain:
+            raise ProtocolError(f"the adapter record holds {sorted(record.keys())[:3]}, not an "
+                                f"encoded adapter (wire.format={codec.format}, "
+                                f"wire.top_k={codec.top_k:g})")
+        return unpack(record, layout)
+    if wire is not None and codec.plain:
+        raise ProtocolError("the adapter record is encoded; wire.format=fp32 expects one "
+                            f"'{PACKED}' array")
+    arrays = {name: _numpy(array, f"'{name}'") for name, array in record.items()}
+    try:
+        flat = decode(arrays, _layout_size(layout), kind, codec if wire is not None else None)
+    except PayloadError as err:
+        raise ProtocolError(f"the encoded adapter: {err}") from err
+    if kind == DELTA:
+        if reference is None:
+            raise ValueError("an encoded update is read against the adapter it started from")
+        missing = sorted(set(layout) - set(reference.keys()))
+        if missing:
+            raise ValueError(f"the reference adapter lacks {missing[:3]}")
+        flat = flatten({name: reference[name] for name in layout}) + flat
+    return _split(flat, layout)
+
+
+def seal(msg: Message, wire: Any = None,
+         sealed: dict[int, tuple[ArrayRecord, ArrayRecord]] | None = None) -> Message:
+    """Pack (or encode in `wire`'s format) the adapter of an outgoing server message in place
+    (other records as they are). `sealed`: records encoded so far by this exchange, by the id
+    of the original, so the messages of a round that share one record encode it once."""
+    if ADAPTER_RECORD not in msg.content.array_records:
+        return msg
+    record = msg.content[ADAPTER_RECORD]
+    codec = codec_of(wire)
+    if codec.plain or is_encoded(record.keys()):
+        msg.content[ADAPTER_RECORD] = pack(record) if codec.plain else record
+        return msg
+    if sealed is not None and id(record) in sealed:
+        msg.content[ADAPTER_RECORD] = sealed[id(record)][1]
+        return msg
+    encoded = encode(record, codec.downlink(), FULL)
+    if sealed is not None:
+        sealed[id(record)] = (record, encoded)  # keeps the original alive: its id stays unique
+    msg.content[ADAPTER_RECORD] = encoded
     return msg
 
 
@@ -139,13 +244,14 @@ class Instruction:
     """What a client reads from a server message."""
 
     server_round: int
-    adapter: ArrayRecord  # packed; unpack against the client's own model's layout
+    adapter: ArrayRecord  # packed or encoded; read against the client's own model's layout
     config: ConfigRecord = field(default_factory=ConfigRecord)
     content: RecordDict = field(default_factory=RecordDict)  # FedBiOT reads its records
 
     def adapter_state(self, layout: Layout) -> dict[str, torch.Tensor]:
+        """The global adapter as float32 tensors (decoded when the server encoded it)."""
         try:
-            return unpack(self.adapter, layout).to_torch_state_dict()
+            return read_adapter(self.adapter, layout).to_torch_state_dict()
         except ProtocolError as err:
             raise ProtocolError(f"the server's adapter does not fit this client's model: {err}"
                                 ) from err
@@ -190,9 +296,24 @@ def with_config(msg: Message, entries: Mapping[str, object]) -> Message:
 
 
 # -- client -> server: replies ----------------------------------------------------------------
-def train_reply(msg: Message, adapter: Mapping[str, torch.Tensor], metrics: Mapping[str, float]
-                ) -> Message:
-    return _reply(msg, {ADAPTER_RECORD: pack(adapter)}, metrics, TRAIN_METRICS)
+def train_reply(msg: Message, adapter: Mapping[str, torch.Tensor], metrics: Mapping[str, float],
+                *, wire: Any = None, reference: Mapping[str, torch.Tensor] | None = None,
+                state: RecordDict | None = None) -> Message:
+    """The trained adapter, packed; or with `wire` (a WireSettings) other than plain fp32, the
+    update `adapter - reference` encoded in its format, where `reference` is the adapter the
+    client started from (the one the server sent, as the client decoded it). `state` (the
+    node's context.state) keeps the error-feedback residual when `wire.error_feedback`."""
+    codec = codec_of(wire)
+    if codec.plain:
+        return _reply(msg, {ADAPTER_RECORD: pack(adapter)}, metrics, TRAIN_METRICS)
+    if reference is None:
+        raise ValueError("an encoded update is a delta: train_reply needs the reference adapter")
+    delta = flatten(adapter) - flatten({name: reference[name] for name in adapter})
+    feedback = ErrorFeedback(state if getattr(wire, "error_feedback", False) else None)
+    corrected = feedback.corrected(delta)
+    arrays, sent = codec.encode(corrected, DELTA)
+    feedback.keep(corrected, sent)
+    return _reply(msg, {ADAPTER_RECORD: _record(arrays)}, metrics, TRAIN_METRICS)
 
 
 def select_reply(msg: Message, centroids: np.ndarray, cluster_ids: np.ndarray,
@@ -251,11 +372,17 @@ class Centroids:
     metrics: dict[str, float]
 
 
-def read_train_reply(reply: Message, layout: Layout) -> TrainUpdate:
-    """The update of a train reply, validated against the adapter `layout` clients send."""
+def read_train_reply(reply: Message, layout: Layout, *, wire: Any = None,
+                     reference: ArrayRecord | Mapping[str, Any] | None = None) -> TrainUpdate:
+    """The update of a train reply, validated against the adapter `layout` clients send.
+
+    `wire` (a WireSettings; None: plain fp32): the format the server configured. An encoded
+    reply is the delta from `reference`, the global adapter of the round (the server's float32
+    copy, not the rounded one it sent: its rounding never enters the average); it is decoded
+    to reference + delta before the checks below."""
     metrics = _metrics(reply, TRAIN_METRICS, required=(WEIGHT,))
     record = _only_array_record(reply, ADAPTER_RECORD)
-    adapter = unpack(record, layout)
+    adapter = read_adapter(record, layout, wire=codec_of(wire), kind=DELTA, reference=reference)
     for key, array in adapter.items():
         if not np.all(np.isfinite(array.numpy())):
             raise ProtocolError(f"'{key}' holds NaN or Inf")

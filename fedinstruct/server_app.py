@@ -22,6 +22,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
     setup_logging()
     check_output_dir(cfg)  # before any model loads and anything is written
     method = server_method(cfg)  # a config that cannot run fails here, before any output
+    rounds = FederatedRun
+    if cfg.privacy.secure_aggregation:  # the train exchange and the sum through Flower's SecAgg+
+        from fedinstruct.privacy.secagg_server import secure_run
+
+        rounds = secure_run(cfg)  # refuses what SecAgg+ cannot run
     output = RunOutput(cfg.output_dir)
     with output.lock(wait=60):  # a second run on this folder fails, naming the holder's pid
         output.save_config(to_container(cfg))
@@ -33,7 +38,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> RunOutput:
             cfg.num_rounds,
             output.folder,
         )
-        FederatedRun(cfg, grid, method, output).run()
+        rounds(cfg, grid, method, output).run()
     return output
 
 

@@ -6,6 +6,7 @@ same everywhere without any data crossing the wire.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 from datasets import Dataset
@@ -32,14 +33,24 @@ def _fields(settings: DatasetSettings) -> FieldMap:
 def _train_and_test(
     settings: DatasetSettings, num_partitions: int, seed: int
 ) -> tuple[Dataset, Dataset]:
-    """The whole training pool and the held-out test set (cached per process)."""
+    """The whole training pool and the held-out test set (cached per process).
+
+    Built once per process however many partitions it serves; each client's share is then
+    selected on demand (`partition_dataset`), so a process that serves 10 of 1,000 virtual
+    clients builds 10 partitions, not 1,000. Only the last few pools are kept: a long-lived
+    process that serves run after run does not keep every run's data.
+    """
     key = (repr(settings), num_partitions, seed)
     if key not in _POOLS:
         _POOLS[key] = _load_train_and_test(settings, num_partitions, seed)
+        while len(_POOLS) > _POOLS_KEPT:
+            _POOLS.popitem(last=False)
+    _POOLS.move_to_end(key)
     return _POOLS[key]
 
 
-_POOLS: dict[tuple[str, int, int], tuple[Dataset, Dataset]] = {}
+_POOLS: OrderedDict[tuple[str, int, int], tuple[Dataset, Dataset]] = OrderedDict()
+_POOLS_KEPT = 2
 
 
 def _load_train_and_test(
@@ -47,8 +58,7 @@ def _load_train_and_test(
 ) -> tuple[Dataset, Dataset]:
     if settings.name == "synthetic":
         pool = make_synthetic_dataset(settings.samples_per_client * num_partitions, seed=seed)
-        test = make_synthetic_dataset(settings.test_samples, seed=seed + 10_000)
-        return pool, test
+        return pool, _synthetic_test(settings, seed)
     data = load_instruction_dataset(settings.source, fmt=settings.format, fields=_fields(settings))
     if settings.test_source:
         test = load_instruction_dataset(
@@ -64,6 +74,11 @@ def _load_train_and_test(
         )
     split = data.train_test_split(test_size=settings.test_fraction, seed=seed)
     return split["train"], split["test"]
+
+
+def _synthetic_test(settings: DatasetSettings, seed: int) -> Dataset:
+    """The synthetic held-out rows: drawn on their own, independent of the training pool."""
+    return make_synthetic_dataset(settings.test_samples, seed=seed + 10_000)
 
 
 def client_dataset(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
@@ -102,6 +117,8 @@ def test_dataset(cfg: RunConfig) -> Dataset:
     settings = cfg.dataset
     if settings.partitioner == "prepartitioned":
         test = load_prepartitioned_test(settings.source)
+    elif settings.name == "synthetic":  # the server needs no pool of num_clients shares
+        test = _synthetic_test(settings, cfg.seed)
     else:
         _, test = _train_and_test(settings, cfg.federation.num_clients, cfg.seed)
     if cfg.eval.max_samples and len(test) > cfg.eval.max_samples:

@@ -39,14 +39,16 @@ class CategoryShardPartitioner(Partitioner):
         self._partition_by = partition_by
         self._shards_per_partition = shards_per_partition
         self._seed = seed
-        self._indices: list[list[int]] | None = None
+        self._deal: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None
 
     @property
     def num_partitions(self) -> int:
         return self._num_partitions
 
-    def _assign(self) -> list[list[int]]:
-        if self._indices is None:
+    def _assign(self) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """(label order, shards as views into it, the dealt shard permutation): computed once,
+        O(rows); a partition's row list is built only when that partition is loaded."""
+        if self._deal is None:
             labels = np.asarray(self.dataset[self._partition_by][:])  # [:] reads the column at once
             order = np.argsort(labels, kind="stable")  # ties keep dataset order
             num_shards = self._num_partitions * self._shards_per_partition
@@ -55,15 +57,21 @@ class CategoryShardPartitioner(Partitioner):
                                  "shards needed (num_partitions * shards_per_partition)")
             shards = np.array_split(order, num_shards)
             dealt = np.random.default_rng(self._seed).permutation(num_shards)
-            per = self._shards_per_partition
-            self._indices = [
-                sorted(int(i) for s in dealt[p * per:(p + 1) * per] for i in shards[s])
-                for p in range(self._num_partitions)
-            ]
-        return self._indices
+            self._deal = (order, shards, dealt)
+        return self._deal
+
+    def partition_indices(self, partition_id: int) -> list[int]:
+        """The sorted dataset rows of one partition."""
+        _, shards, dealt = self._assign()
+        per = self._shards_per_partition
+        mine = dealt[partition_id * per:(partition_id + 1) * per]
+        return sorted(int(i) for s in mine for i in shards[s])
 
     def load_partition(self, partition_id: int) -> Dataset:
-        return self.dataset.select(self._assign()[partition_id])
+        if not 0 <= partition_id < self._num_partitions:
+            raise ValueError(f"partition_id={partition_id} is out of range for "
+                             f"num_partitions={self._num_partitions}")
+        return self.dataset.select(self.partition_indices(partition_id))
 
 
 def _make_partitioner(ds: Dataset, scheme: str, num_partitions: int, label_column: str,
