@@ -332,9 +332,9 @@ class PrivacySettings:
                centroid_clip="> 0", centroid_noise_multiplier=">= 0", secagg_num_shares="> 2",
                secagg_reconstruction_threshold="> 1", secagg_clipping_range="> 0",
                secagg_quantization_range="> 1", target_epsilon="> 0")
-        if self.secagg_reconstruction_threshold > self.secagg_num_shares:
-            raise ConfigError("privacy.secagg_reconstruction_threshold must be at most "
-                              "privacy.secagg_num_shares")
+        if self.secagg_reconstruction_threshold >= self.secagg_num_shares:
+            raise ConfigError("privacy.secagg_reconstruction_threshold must be less than "
+                              "privacy.secagg_num_shares: a round must survive a dropout")
 
 
 @dataclass
@@ -412,5 +412,12 @@ def _check_privacy(cfg: RunConfig) -> None:
         if privacy.dp == "central":
             raise ConfigError("privacy.secure_aggregation hides each update from the server, "
                               "which cannot clip it: use privacy.dp=client")
+        if strategy.aggregation != "mean":
+            raise ConfigError("privacy.secure_aggregation gives the server only the sum of the "
+                              f"updates: strategy.aggregation={strategy.aggregation} needs"
+                              " each one")
+        if cfg.federation.min_train_nodes < 2:
+            raise ConfigError("privacy.secure_aggregation needs federation.min_train_nodes >= 2: "
+                              "the sum of one update is that update")
     if privacy.centroid_dp and cfg.selection.name != "fedhds":
         raise ConfigError("privacy.centroid_dp applies to selection=fedhds only")

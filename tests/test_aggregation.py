@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedinstruct.compose import compose_config
 from fedinstruct.methods.fedit import build_fedit
 from fedinstruct.protocol import layout_of, pack
-from fedinstruct.server.loop import read_updates
+from fedinstruct.server.messaging import read_updates
 
 KEYS = [
     "base_model.model.layers.0.self_attn.q_proj.lora_A.weight",

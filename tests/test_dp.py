@@ -19,7 +19,7 @@ from fedinstruct.methods.base import server_method
 from fedinstruct.model import initial_adapter_state
 from fedinstruct.privacy.accountant import Accountant, Release, noise_for_epsilon
 from fedinstruct.protocol import layout_of, pack, read_train_reply, unpack
-from fedinstruct.server.loop import read_updates
+from fedinstruct.server.messaging import read_updates
 from fedinstruct.simulation import simulate
 
 

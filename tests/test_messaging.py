@@ -24,7 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from fedinstruct.server.loop import RoundFailed, exchange
+from fedinstruct.server.messaging import RoundFailed, exchange
 
 
 class Federation:
@@ -109,7 +109,7 @@ def test_a_silent_node_is_named_and_the_round_goes_on_at_the_timeout(federation,
     for node in fed.nodes[:2]:
         fed.serve(node)
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="fedinstruct.server.loop"):
+    with caplog.at_level(logging.WARNING, logger="fedinstruct.server.messaging"):
         replies = exchange(fed.grid, fed.messages(), timeout=1.5, min_replies=2,
                            label="round 4 train")
     assert 1.5 <= time.monotonic() - start < 5
@@ -135,7 +135,7 @@ def test_an_offline_node_gets_flowers_error_reply_before_the_timeout(federation,
     fed.serve(fed.nodes[0], delay=0.3)
     fed.state.deactivate_node(fed.nodes[1])  # what a lapsed heartbeat (or a clean stop) does
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="fedinstruct.server.loop"):
+    with caplog.at_level(logging.WARNING, logger="fedinstruct.server.messaging"):
         replies = exchange(fed.grid, fed.messages(), timeout=30, min_replies=1,
                            label="round 2 train")
     assert time.monotonic() - start < 5

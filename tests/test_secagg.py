@@ -30,6 +30,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from safetensors.torch import load_file
 
+from fedinstruct.compose import compose_config
 from fedinstruct.config import ConfigError, PrivacySettings, RunConfig
 from fedinstruct.privacy import secagg_server
 from fedinstruct.privacy.secagg_client import WEIGHT_CAP, client_update, client_weight, serve
@@ -192,11 +193,19 @@ def test_client_weight_is_capped_or_uniform():
 def test_secure_run_refuses_what_secagg_cannot_run():
     cfg = _cfg()
     assert secagg_server.secure_run(cfg) is secagg_server.SecureRun
-    with pytest.raises(ConfigError, match="strategy.aggregation=mean"):
-        secagg_server.secure_run(dataclasses.replace(
-            cfg, strategy=dataclasses.replace(cfg.strategy, aggregation="median")))
     with pytest.raises(ConfigError, match="privacy.secagg_"):  # Flower: threshold < shares
-        secagg_server.secure_run(_cfg(shares=3, threshold=3))
+        _cfg(shares=3, threshold=3)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("strategy.aggregation=median", "strategy.aggregation=median"),
+    ("federation.min_train_nodes=1", "federation.min_train_nodes"),
+    ("privacy.dp=central", "privacy.dp=client"),
+    ("selection=fedhds", "selection"),
+])
+def test_config_refuses_what_secure_aggregation_cannot_mean(override, field):
+    with pytest.raises(ConfigError, match=field):
+        compose_config(["privacy.secure_aggregation=true", override])
 
 
 # -- slow: a simulation and a deployment ------------------------------------------------------

@@ -49,7 +49,7 @@ from fedinstruct.protocol import (
     read_select_reply,
     read_train_reply,
 )
-from fedinstruct.server.loop import read_updates, within_caps
+from fedinstruct.server.messaging import read_updates, within_caps
 from fedinstruct.server_app import make_server_app
 
 LAYOUT = {"a.lora_A.weight": (2, 4), "b.lora_B.weight": (4, 2)}

@@ -27,7 +27,7 @@ from fedinstruct.protocol import (
     seal,
     train_reply,
 )
-from fedinstruct.server.loop import read_updates
+from fedinstruct.server.messaging import read_updates
 from fedinstruct.wire import (
     ABSMAX,
     CODES,
@@ -338,7 +338,8 @@ def test_the_wrong_encoding_is_refused(flower_identity):
 
 
 def test_the_ledger_resumes_and_sizes_an_update_before_sending_it(tiny_adapter):
-    from fedinstruct.server.loop import _bytes_so_far, encoded_update_size, record_size
+    from fedinstruct.server.loop import _bytes_so_far
+    from fedinstruct.server.messaging import encoded_update_size, record_size
 
     rows = [{"round": 0}, {"round": 1, "bytes_down": 10, "bytes_up": 4,
                            "bytes_down_total": 10, "bytes_up_total": 4},

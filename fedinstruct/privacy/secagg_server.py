@@ -79,27 +79,16 @@ from fedinstruct.protocol import (
     pack,
     unpack,
 )
-from fedinstruct.server.loop import (
-    MB,
-    FederatedRun,
-    RoundFailed,
-    _Sender,
-    _summary,
-    _train_row,
-    exchange,
-    record_bytes,
-)
+from fedinstruct.server.loop import FederatedRun, Sender
+from fedinstruct.server.messaging import RoundFailed, exchange, record_bytes
 from fedinstruct.server.output import RunOutput
 
 log = logging.getLogger(__name__)
 
 
 def secure_run(cfg: RunConfig) -> type[SecureRun]:
-    """The round loop of a secure run; raises ConfigError for what SecAgg+ cannot run (call it
-    before anything is written)."""
-    if cfg.strategy.aggregation != "mean":
-        raise ConfigError("privacy.secure_aggregation needs strategy.aggregation=mean: a "
-                          f"{cfg.strategy.aggregation} needs the individual updates")
+    """The round loop of a secure run; raises ConfigError for what Flower's SecAgg+ refuses
+    (call it before anything is written; RunConfig has refused the rest)."""
     workflow(cfg, 1.0)  # Flower's own checks of the SecAgg+ parameters
     return SecureRun
 
@@ -326,14 +315,10 @@ class SecureRun(FederatedRun):
         arrays = method.after_aggregation(arrays, aggregated)
         row["time_aggregate"] = time.perf_counter() - t
 
-        row.update(_train_row(released.clients, train_metrics))
-        if method.privacy is not None:  # the noised aggregate of this round is released
-            population = len(list(self.grid.get_node_ids()))
-            row.update(method.privacy.charge(len(released.clients),
-                                             self._sampled(population), population))
+        row.update(self._training_row(released.clients, train_metrics))
         bytes_down, bytes_up = grid.bytes_down, grid.bytes_up
         if cfg.eval.federated:
-            send = _Sender(self)
+            send = Sender(self)
             row.update(self._federated_evaluation(server_round, arrays, send))
             bytes_down, bytes_up = bytes_down + send.bytes_down, bytes_up + send.bytes_up
         row.update({
@@ -345,20 +330,7 @@ class SecureRun(FederatedRun):
             "bytes_per_client_up": bytes_up / max(len(released.clients), 1),
             "secagg_error_bound": error_bound(cfg, released.weights, max_weight),
         })
-        self._last_round_bytes = bytes_down + bytes_up  # the run's ledger (wire.budget_mb)
-        self.bytes_total = [self.bytes_total[0] + bytes_down, self.bytes_total[1] + bytes_up]
-        row.update({"bytes_down_total": self.bytes_total[0],
-                    "bytes_up_total": self.bytes_total[1], "mb_total": sum(self.bytes_total) / MB})
-        row.update(method.evaluate(server_round, arrays))
-
-        t = time.perf_counter()
-        method.export(self.output, server_round, arrays)
-        self._checkpoint(server_round, arrays, row)
-        row["time_checkpoint"] = time.perf_counter() - t
-        row["time_round"] = time.perf_counter() - round_start
-        self.output.append_metrics(row)
-        self.output.plot()
-        log.info("round %d/%d | %s", server_round, cfg.num_rounds, _summary(row))
+        self._close_round(server_round, arrays, row, (bytes_down, bytes_up), round_start)
         return arrays
 
     def _instruct(self, messages: list[Message], flat: np.ndarray) -> float:

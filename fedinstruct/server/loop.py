@@ -13,56 +13,38 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedinstruct.config import RunConfig
 from fedinstruct.methods.base import ServerMethod
 from fedinstruct.protocol import (
     SELECTED_CLUSTERS,
-    WEIGHT,
-    Layout,
     ProtocolError,
     TrainUpdate,
     codec_of,
     encode,
-    pack,
     read_evaluate_reply,
-    read_train_reply,
     seal,
     with_config,
 )
+from fedinstruct.server.messaging import (
+    MB,
+    RoundFailed,
+    encoded_update_size,
+    exchange,
+    read_updates,
+    record_bytes,
+    record_size,
+    within_caps,
+)
 from fedinstruct.server.output import RunOutput
-from fedinstruct.wire import DELTA, message_bytes
 
 log = logging.getLogger(__name__)
-
-
-MB = 1e6  # wire.budget_mb and the ledger's MB: decimal megabytes
-
-
-def record_bytes(msg: Message) -> int:
-    """Bytes of the tensors a message carries (the serialized arrays, headers included)."""
-    return sum(record_size(record) for record in msg.content.array_records.values())
-
-
-def record_size(record: ArrayRecord) -> int:
-    return sum(len(array.data) for array in record.values())
-
-
-def encoded_update_size(layout: Layout, wire: Any) -> int:
-    """Bytes of one client's update of `layout` in `wire`'s format (headers included)."""
-    size = sum(math.prod(shape) for shape in layout.values())
-    codec = codec_of(wire)
-    if codec.plain:
-        return record_size(pack({"x": np.zeros(size, np.float32)}))
-    return message_bytes(codec.encode(np.zeros(size, np.float32), DELTA)[0])
 
 
 def _bytes_so_far(rows: list[dict[str, Any]]) -> list[int]:
@@ -74,7 +56,7 @@ def _bytes_so_far(rows: list[dict[str, Any]]) -> list[int]:
             sum(int(r.get("bytes_up", 0)) for r in rows)]
 
 
-class _Sender:
+class Sender:
     """One round's exchanges: address (the method), pack (the protocol), send, count bytes."""
 
     def __init__(self, run: FederatedRun) -> None:
@@ -186,7 +168,7 @@ class FederatedRun:
         cfg, method = self.cfg, self.method
         row: dict[str, Any] = {"round": server_round}
         round_start = time.perf_counter()
-        send = _Sender(self)
+        send = Sender(self)
 
         t = time.perf_counter()
         arrays, server_metrics = method.before_round(server_round, arrays)
@@ -226,11 +208,7 @@ class FederatedRun:
             arrays = method.after_aggregation(arrays, aggregated)
         row["time_aggregate"] = time.perf_counter() - t
 
-        row.update(_train_row(updates, train_metrics))
-        if method.privacy is not None:  # the noised mean of this round is released
-            population = len(list(self.grid.get_node_ids()))
-            row.update(method.privacy.charge(len(updates), self._sampled(population),
-                                             population))
+        row.update(self._training_row(updates, train_metrics))
         row.update({
             "bytes_down": send.bytes_down,
             "bytes_up": send.bytes_up,
@@ -242,23 +220,39 @@ class FederatedRun:
         if cfg.eval.federated:
             row.update(self._federated_evaluation(server_round, arrays, send))
         # the run's ledger: every exchange of the round (selection, training, evaluation)
-        self._last_round_bytes = send.bytes_down + send.bytes_up
-        self.bytes_total = [self.bytes_total[0] + send.bytes_down,
-                            self.bytes_total[1] + send.bytes_up]
+        self._close_round(server_round, arrays, row, (send.bytes_down, send.bytes_up),
+                          round_start)
+        return arrays
+
+    def _training_row(self, updates: list[TrainUpdate], train_metrics) -> dict[str, Any]:
+        """The round's training metrics, and the privacy charged for releasing its aggregate."""
+        row = _train_row(updates, train_metrics)
+        if self.method.privacy is not None:  # the noised mean of this round is released
+            population = len(list(self.grid.get_node_ids()))
+            row.update(self.method.privacy.charge(len(updates), self._sampled(population),
+                                                  population))
+        return row
+
+    def _close_round(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any],
+                     round_bytes: tuple[int, int], round_start: float) -> None:
+        """Book the round's bytes, evaluate, export, checkpoint and log it: the end of every
+        round, whatever loop (plain or secure) ran it."""
+        bytes_down, bytes_up = round_bytes
+        self._last_round_bytes = bytes_down + bytes_up
+        self.bytes_total = [self.bytes_total[0] + bytes_down, self.bytes_total[1] + bytes_up]
         row.update({"bytes_down_total": self.bytes_total[0],
                     "bytes_up_total": self.bytes_total[1],
                     "mb_total": sum(self.bytes_total) / MB})
-        row.update(method.evaluate(server_round, arrays))
+        row.update(self.method.evaluate(server_round, arrays))
 
         t = time.perf_counter()
-        method.export(self.output, server_round, arrays)
+        self.method.export(self.output, server_round, arrays)
         self._checkpoint(server_round, arrays, row)
         row["time_checkpoint"] = time.perf_counter() - t
         row["time_round"] = time.perf_counter() - round_start
         self.output.append_metrics(row)
         self.output.plot()
-        log.info("round %d/%d | %s", server_round, cfg.num_rounds, _summary(row))
-        return arrays
+        log.info("round %d/%d | %s", server_round, self.cfg.num_rounds, _summary(row))
 
     def _wait_for_nodes(self, poll_interval: float = 1.0) -> None:
         """Wait for the nodes sampling needs, saying so every minute, for a bounded time
@@ -279,7 +273,7 @@ class FederatedRun:
                 last_log = time.monotonic()
             time.sleep(poll_interval)
 
-    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, send: _Sender
+    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, send: Sender
                               ) -> dict[str, Any]:
         messages = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(),
                                                          self.grid))
@@ -307,46 +301,6 @@ class FederatedRun:
         if self.method.privacy is not None:
             tensors["privacy/releases"] = torch.from_numpy(self.method.privacy.state())
         self.output.save_checkpoint(server_round, tensors, state)
-
-
-def read_updates(replies: list[Message], layout: Layout, label: str, *, wire: Any = None,
-                 reference: ArrayRecord | None = None) -> list[TrainUpdate]:
-    """The train replies that fit the protocol; each one that does not is logged and left out.
-    Encoded replies (`wire`) are decoded against `reference`, the round's global adapter."""
-    updates = []
-    for reply in replies:
-        try:
-            updates.append(read_train_reply(reply, layout, wire=wire, reference=reference))
-        except ProtocolError as err:
-            log.warning("%s: rejected update from node %s: %s", label,
-                        reply.metadata.src_node_id, err)
-    return updates
-
-
-def within_caps(updates: list[TrainUpdate], cap_of: Callable[[int], int | None], label: str
-                ) -> list[TrainUpdate]:
-    """Updates whose weight claim is within what the round allowed the node.
-
-    A claim over the cap is no honest mistake (a client reports the samples it drew) and the
-    reply is left out. Where no cap is known (local epochs over all local rows), a claim is
-    clipped to the largest of the others', so no single reply outweighs every other.
-    """
-    kept = []
-    for update in updates:
-        cap = cap_of(update.node_id)
-        if cap is not None and update.weight > cap:
-            log.warning("%s: rejected update from node %s: it claims %d samples, the round "
-                        "allowed at most %d", label, update.node_id, update.weight, cap)
-            continue
-        kept.append(update)
-    claims = [u.weight for u in kept]
-    for i, update in enumerate(kept):
-        others = claims[:i] + claims[i + 1:]
-        if cap_of(update.node_id) is None and others and update.weight > max(others):
-            log.warning("%s: node %s's weight %d clipped to %d, the largest of the others'",
-                        label, update.node_id, update.weight, max(others))
-            update.metrics[WEIGHT] = max(others)
-    return kept
 
 
 def _train_row(updates: list[TrainUpdate], train_metrics) -> dict[str, Any]:
@@ -392,68 +346,3 @@ def _summary(row: dict[str, Any]) -> str:
         if key in row:
             parts.append(fmt.format(row[key]))
     return " | ".join(parts)
-
-
-log = logging.getLogger(__name__)
-
-
-class RoundFailed(RuntimeError):
-    """Too few nodes replied in a round; the message says how many and why."""
-
-
-def exchange(
-    grid: Grid,
-    messages: Iterable[Message],
-    *,
-    timeout: float,
-    min_replies: int,
-    label: str,
-    poll_interval: float = 0.2,
-) -> list[Message]:
-    """Push `messages`, return the successful replies received within `timeout` seconds.
-
-    Failed and missing nodes are logged by node id with Flower's reason; fewer than
-    `min_replies` successful replies (or fewer messages than that) raise RoundFailed.
-    """
-    messages = list(messages)
-    if not messages:
-        return []
-    if len(messages) < min_replies:
-        raise RoundFailed(
-            f"{label}: only {len(messages)} nodes were sampled but federation.min_replies is "
-            f"{min_replies}"
-        )
-    for msg in messages:
-        msg.metadata.ttl = timeout
-    pushed = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
-    # pushing sets each message's id; a grid may leave out (or give None for) a refused one
-    destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-                    if m.metadata.message_id in pushed}
-    failures = {m.metadata.dst_node_id: "the message could not be sent" for m in messages
-                if m.metadata.message_id not in pushed}
-    pending = set(destinations)
-    too_late = f"no reply within federation.round_timeout={timeout:g} s"
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(pending):
-            msg_id = reply.metadata.reply_to_message_id
-            pending.discard(msg_id)
-            if reply.has_error():  # the message expires with the round: "unavailable"
-                expired = reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE
-                failures[destinations[msg_id]] = too_late if expired else reply.error.reason
-            else:
-                replies.append(reply)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll_interval)
-    for msg_id in pending:
-        failures[destinations[msg_id]] = too_late
-    for node_id, reason in failures.items():
-        log.warning("%s: node %s lost: %s", label, node_id, reason)
-    if len(replies) < min_replies:
-        raise RoundFailed(
-            f"{label}: {len(replies)} of {len(messages)} nodes replied, fewer than "
-            f"federation.min_replies={min_replies} (failed: {sorted(failures)})"
-        )
-    return replies
