@@ -138,7 +138,7 @@ def test_own_flags_are_taken_before_hydra_and_subcommands_bypass_it(monkeypatch)
     from fedinstruct.logs import VERBOSE_ENV, verbose
 
     monkeypatch.setenv(VERBOSE_ENV, "0")
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # recorded, so what main() sets is undone
     seen = []
     monkeypatch.setattr(cli, "_run", lambda: seen.append(list(sys.argv[1:])))
     argv = ["fedinstruct", "-v", "model=tiny", "--debug", "-m", "seed=1,2"]
