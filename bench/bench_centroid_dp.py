@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedinstruct.methods.fedhds.centroid_privacy import private_centroids, unit_rms
 from fedinstruct.methods.fedhds.clustering import (
     LocalClustering,
     cluster_client,
     coreset_indices,
-    private_centroids,
     select_global,
-    unit_rms,
 )
 from fedinstruct.privacy.accountant import Accountant, Release
 

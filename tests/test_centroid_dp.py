@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from fedinstruct.methods.fedhds.clustering import (
-    LocalClustering,
+from fedinstruct.methods.fedhds.centroid_privacy import (
     clip_rows,
     effective_noise_multiplier,
     private_centroids,
     unit_rms,
 )
+from fedinstruct.methods.fedhds.clustering import LocalClustering
 from fedinstruct.privacy.accountant import Accountant, Release
 
 

@@ -10,13 +10,13 @@ from importlib import import_module
 from typing import Any
 
 from .baselines import matched_counts, random_indices
+from .centroid_privacy import privatize_centroids
 from .clustering import (
     LocalClustering,
     cluster_client,
     cluster_points,
     coreset_indices,
     empty_clustering,
-    privatize_centroids,
     reduce_features,
     select_global,
 )

@@ -20,14 +20,12 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from fedinstruct.client.local import LoadedModel, LocalClient
 from fedinstruct.methods.base import ClientSelection
 from fedinstruct.methods.fedhds.baselines import random_indices
-from fedinstruct.methods.fedhds.clustering import (
-    LocalClustering,
-    cluster_client,
-    coreset_indices,
+from fedinstruct.methods.fedhds.centroid_privacy import (
     private_centroids,
     privatize_centroids,
     unit_rms,
 )
+from fedinstruct.methods.fedhds.clustering import LocalClustering, cluster_client, coreset_indices
 from fedinstruct.model import cache_root
 from fedinstruct.protocol import RANDOM_COUNTS, SELECTED_CLUSTERS, Instruction, layout_of
 

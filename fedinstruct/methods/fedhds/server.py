@@ -25,7 +25,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from fedinstruct.config import ConfigError, RunConfig
 from fedinstruct.methods.base import Send, ServerSelection
 from fedinstruct.methods.fedhds.baselines import matched_counts
-from fedinstruct.methods.fedhds.clustering import effective_noise_multiplier, select_global
+from fedinstruct.methods.fedhds.centroid_privacy import effective_noise_multiplier
+from fedinstruct.methods.fedhds.clustering import select_global
 from fedinstruct.privacy.accountant import Accountant, Release
 from fedinstruct.protocol import (
     ADAPTER_RECORD,
