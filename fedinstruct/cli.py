@@ -35,6 +35,7 @@ log = logging.getLogger("fedinstruct.cli")
 
 SUBCOMMANDS = ("eval", "generate", "export")
 SUMMARY_KEYS = ("eval_loss", "eval_rougeL", "emu_eval_rougeL", "train_samples", "time_round")
+LEDGER_KEYS = ("dp_epsilon", "dp_centroid_epsilon", "mb_total")  # shown where a job has them
 TASK_METRICS = tuple(m for m in EvalSettings.METRICS if m not in ("loss", "rougeL"))
 VERBOSE_FLAGS, DEBUG_FLAG = ("-v", "--verbose"), "--debug"
 
@@ -159,11 +160,13 @@ class SweepSummary(Callback):
 
 
 def summary_keys(finals: list[dict[str, Any]]) -> list[str]:
-    """The summary's columns: the fixed ones, and each task metric some job reported."""
+    """The summary's columns: the fixed ones, each task metric some job reported, and the
+    privacy and traffic spent where some job reported them."""
     tasks = [f"{prefix}_{name}" for prefix in ("eval", "emu_eval") for name in TASK_METRICS]
     found = [key for key in tasks if any(key in final for final in finals)]
+    spent = [key for key in LEDGER_KEYS if any(key in final for final in finals)]
     at = SUMMARY_KEYS.index("emu_eval_rougeL") + 1
-    return [*SUMMARY_KEYS[:at], *found, *SUMMARY_KEYS[at:]]
+    return [*SUMMARY_KEYS[:at], *found, *SUMMARY_KEYS[at:], *spent]
 
 
 def _fmt(value: Any) -> str:

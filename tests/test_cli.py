@@ -162,6 +162,7 @@ def test_the_sweep_summary_shows_the_task_metrics_some_job_reported():
     assert summary_keys([{"eval_numeric_match": 0.5}, {"emu_eval_exact_match": 0.1}]) == [
         "eval_loss", "eval_rougeL", "emu_eval_rougeL", "eval_numeric_match",
         "emu_eval_exact_match", "train_samples", "time_round"]
+    assert summary_keys([{"mb_total": 3.5}, {"dp_epsilon": 8.0}])[-2:] == ["dp_epsilon", "mb_total"]
 
 
 def test_the_simulation_runtime_entry_point_is_the_one_fedinstruct_calls():
