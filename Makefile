@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test check lint bench
+.PHONY: setup demo test check lint bench docker-test
 
 setup: $(STAMP)
 
@@ -26,3 +26,8 @@ check: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedinstruct tests bench
+
+# Build the CPU image and run federations with the shipped Compose files, then tear down
+# (needs a Docker engine; not part of .ci/run). Writes its figures into docker/README.md.
+docker-test: $(STAMP)
+	$(PY) scripts/docker-test.py

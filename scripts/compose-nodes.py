@@ -76,13 +76,18 @@ def base(topo: Topology) -> dict[str, Any]:
             "build": BUILD_CPU,
             "command": ["supernode", *topo.supernode_args(i, superlink=LINK, certs_dir=None,
                                                           keys_dir=None)],
-            "environment": shared_env,
+            # The nodes share this host's cores: each its share of math-library threads
+            # (1 by default; oversubscribed OpenMP threads spin against each other).
+            "environment": {**shared_env,
+                            "OMP_NUM_THREADS": "${FEDINSTRUCT_NODE_THREADS:-1}"},
+            # each node sees its own folder only (data/node-i), as separate sites would
             "volumes": ["hf-cache:/cache/huggingface",
-                        "${FEDINSTRUCT_DATA:-../data}:/data:ro"],
+                        f"${{FEDINSTRUCT_DATA:-../data}}/{topo.node_name(i)}:/data:ro"],
             "depends_on": ["superlink"],
             "restart": "on-failure",
         }
-    return {"name": "fedinstruct", "services": services,
+    # No top-level `name:` (docker-compose v1 rejects it): docker/.env names the project.
+    return {"services": services,
             "volumes": {"superlink-state": {}, "hf-cache": {}, "outputs": {}}}
 
 

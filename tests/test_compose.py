@@ -236,3 +236,43 @@ def test_entrypoint_maps_roles_to_flower_commands():
     missing = subprocess.run(["sh", entry, "register", "superlink:9093", "/certs/ca.crt"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no public keys" in missing.stderr
+
+
+def ignore_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_build_context_filters_agree_and_keep_the_wheelhouse():
+    """The classic builder (docker 20.10, docker-compose v1) reads .dockerignore at the root,
+    BuildKit docker/<Dockerfile>.dockerignore: the same lines, and wheels/ is not excluded."""
+    root = ignore_lines(REPO / ".dockerignore")
+    for name in ("Dockerfile.dockerignore", "Dockerfile.cuda.dockerignore"):
+        assert ignore_lines(DOCKER / name) == root, name
+    assert {".venv", ".git", "certs", "keys", "data"} <= set(root)
+    assert not any(line.strip("/*") == "wheels" for line in root)
+
+
+def test_compose_v1_reads_the_files_and_each_node_has_its_own_data():
+    """docker-compose v1 rejects a top-level `name:` (docker/.env names the project); every
+    node mounts its own data folder and gets its share of threads."""
+    for path in DOCKER.glob("compose*.yaml"):
+        assert "name" not in yaml.safe_load(path.read_text()), path
+    assert "COMPOSE_PROJECT_NAME=fedinstruct" in (DOCKER / ".env").read_text().splitlines()
+    services = resolve(DOCKER, ("compose.yaml",), env={"FEDINSTRUCT_DATA": "/srv/data"})[
+        "services"]
+    nodes = {n: s for n, s in services.items() if n.startswith("supernode-")}
+    for name, service in nodes.items():
+        data = [v for v in service["volumes"] if v["target"] == "/data"]
+        assert [(v["source"], v["read_only"]) for v in data] == [
+            (f"/srv/data/node-{name.rsplit('-', 1)[1]}", True)]
+        assert service["environment"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_image_requirements_leave_out_the_simulation_extra():
+    """The images run deployments only: no Ray; torch comes first, from its CPU index."""
+    out = subprocess.run([sys.executable, str(DOCKER / "requirements.py"),
+                          str(REPO / "pyproject.toml")], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert any(line.startswith("flwr>=") for line in out)
+    assert not any("simulation" in line or line.startswith("torch") for line in out)
+    assert "setuptools" not in out and "hatchling" not in out  # build backend: --build only
