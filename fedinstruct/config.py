@@ -284,6 +284,9 @@ class EvalSettings:
     every: int = 1  # server-side evaluation every N rounds (0: off)
     max_samples: int = 24  # held-out rows used for loss and Rouge-L (0: all)
     max_new_tokens: int = 16  # the synthetic answers are short; FedIT/FedHDS use 128 on Dolly
+    # generation metrics (rougeL, exact_match, numeric_match) on the first N held-out rows
+    # only (0: all); loss and choice_accuracy always use every held-out row
+    generate_samples: int = 0
     batch_size: int = 8
     federated: bool = False  # also evaluate on each client's held-out share
     federated_fraction: float = 0.1
@@ -297,6 +300,7 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         _check("eval", self, every=">= 0", max_samples=">= 0", max_new_tokens="> 0",
+               generate_samples=">= 0",
                batch_size="> 0", federated_fraction="in [0, 1]")
         if not self.metrics or len(set(self.metrics)) < len(self.metrics):
             raise ConfigError("eval.metrics must name each metric once (set eval.every=0 to "

@@ -232,21 +232,27 @@ def evaluate_model(
     metrics: Sequence[str] = DEFAULT_METRICS,
     options: Sequence[Sequence[str]] | None = None,
     answers: Sequence[int] | None = None,
+    generate_rows: int = 0,
 ) -> EvalResult:
     """The `metrics` of `model` on one held-out set; generations only when a metric needs
-    them, option scoring only for choice_accuracy (`options` and `answers` per row)."""
+    them (on the first `generate_rows` rows when > 0, else on all), option scoring only for
+    choice_accuracy (`options` and `answers` per row)."""
     loss = None
     if "loss" in metrics:
         loss = response_loss(model, examples, pad_token_id=tokenizer.pad_token_id,
                              batch_size=batch_size)
     generations: list[str] = []
+    generated = slice(0, generate_rows or len(prompts))
+    references = list(references)
     if any(name in metrics for name in GENERATION_METRICS):
-        generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+        generations = generate(model, tokenizer, list(prompts)[generated],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gen_references = references[generated]
     scores: dict[str, float] = {}
     if "exact_match" in metrics:
-        scores["exact_match"] = exact_match(generations, references)
-    if "numeric_match" in metrics and (value := numeric_match(generations, references)) is not None:
+        scores["exact_match"] = exact_match(generations, gen_references)
+    if "numeric_match" in metrics and (
+            value := numeric_match(generations, gen_references)) is not None:
         scores["numeric_match"] = value
     if "choice_accuracy" in metrics:
         if options is None or answers is None:
@@ -256,7 +262,7 @@ def evaluate_model(
         scores["choice_accuracy"] = choice_accuracy(likelihoods, answers)
     return EvalResult(
         loss=loss,
-        rouge_l=rouge_l(generations, references) if "rougeL" in metrics else None,
+        rouge_l=rouge_l(generations, gen_references) if "rougeL" in metrics else None,
         generations=generations,
         scores=scores,
     )

@@ -188,3 +188,14 @@ def test_choice_accuracy_in_evaluate_model_on_a_tiny_model(tiny_model):
     result = evaluate_model(model, tokenizer, [], prompts, ["x"] * 3, max_new_tokens=1,
                             metrics=["choice_accuracy"], options=options, answers=worst)
     assert result.scores == {"choice_accuracy": 0.0}
+
+
+def test_generation_metrics_on_the_first_rows_only(tiny_model):
+    from fedinstruct.metrics import evaluate_model
+
+    model, tokenizer = tiny_model
+    prompts = ["Say hi.", "Name a colour.", "Count to three."]
+    result = evaluate_model(model, tokenizer, [], prompts, ["hi", "red", "1 2 3"],
+                            max_new_tokens=2, metrics=["rougeL"], generate_rows=2)
+    assert len(result.generations) == 2  # rows after the first two are not generated
+    assert result.rouge_l is not None

@@ -60,6 +60,7 @@ class HeldOutSet:
             metrics=self.metrics,
             options=self.options,
             answers=self.answers,
+            generate_rows=self.cfg.eval.generate_samples,
         )
 
 
