@@ -11,11 +11,11 @@ a clean checkout, failing at the first step that does not hold:
  2. builds docker/Dockerfile with no cache (timed; image size), checks the image runs as uid
     1000 and holds no private key or certificate file;
  3. plain docker/compose.yaml: SuperLink + 2 SuperNodes, each with its own data folder; a
-    2-round FedIT run of model=tiny submitted with `flwr run` from the host; the run folder
+    4-round FedIT run of model=tiny submitted with `flwr run` from the host; the run folder
     (metrics.jsonl, adapters/final) is copied out of the `outputs` volume; `down -v` leaves no
     container, volume or network;
- 4. the same federation as processes (fedinstruct.deploy.LocalDeployment, loopback), the same
-    run: round times side by side;
+ 4. the same federation as processes (fedinstruct.deploy.LocalDeployment, loopback, at the
+    engine's niceness), the same run: round times side by side;
  5. compose.yaml + compose.tls.yaml (TLS, SuperNode auth, `register` one-shot service): which
     files each container holds (ca.crt, the node's own key; ca.key nowhere), a 2-round run,
     then a run in which supernode-1 is killed mid-round, started again, and rejoins;
@@ -55,6 +55,7 @@ TINY = {"model": "tiny", "train.local_steps": 2, "train.max_length": 96,
         "eval.max_samples": 4, "eval.max_new_tokens": 4, "federation.num_clients": 2,
         "federation.min_train_nodes": 2}
 OVERRIDES = "dataset.samples_per_client=16 federation.min_available_nodes=2"
+TIMED_ROUNDS = 4  # the plain run in containers and the same run as processes
 MARK_BEGIN, MARK_END = "<!-- docker-test figures: begin -->", "<!-- docker-test figures: end -->"
 
 figures: dict[str, object] = {}
@@ -306,15 +307,16 @@ def plain_federation() -> None:
         listing = sh("docker", "exec", compose.container(service), "cat", "/data/README")
         if listing.strip() != f"node-{i}'s data":
             raise SystemExit(f"{service} sees {listing!r} in /data")
-    run = Run("plain", run_config("/app/outputs/plain", 2))
+    n = TIMED_ROUNDS
+    run = Run("plain", run_config("/app/outputs/plain", n))
     log = run.wait(900)
-    first = run.seen(r"round 1/2 \|")
-    if first is None or run.seen(r"round 2/2 \|") is None:
-        raise SystemExit(f"plain run did not complete 2 rounds:\n{log[-3000:]}")
+    first = run.seen(rf"round 1/{n} \|")
+    if first is None or run.seen(rf"round {n}/{n} \|") is None:
+        raise SystemExit(f"plain run did not complete {n} rounds:\n{log[-3000:]}")
     figures["containers_first_round_s"] = round(first - start, 1)
-    rows = check_completed(copy_out(compose, "plain", WORK / "out-plain"), 2, "plain")
+    rows = check_completed(copy_out(compose, "plain", WORK / "out-plain"), n, "plain")
     figures["containers_round_s"] = [round(r["time_round"], 2) for r in rows]
-    say(f"plain: 2 FedIT rounds, round times {figures['containers_round_s']} s; run folder "
+    say(f"plain: {n} FedIT rounds, round times {figures['containers_round_s']} s; run folder "
         f"copied out of the outputs volume to {WORK / 'out-plain'}")
     runs = flwr_json("plain", "ls").get("runs", [])
     if len(runs) != 1 or runs[0].get("status") != "finished:completed":
@@ -324,13 +326,21 @@ def plain_federation() -> None:
 
 def process_baseline() -> None:
     sys.path.insert(0, str(REPO))
+    import psutil
+
     from fedinstruct.deploy import LocalDeployment
 
+    # The engine's processes may run niced (docker-offline.sh starts dockerd with nice 10, and
+    # containers inherit it): the baseline runs at the same priority.
+    engine = [p.nice() for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
+    if engine and engine[0] > os.nice(0):
+        os.nice(engine[0] - os.nice(0))
+    figures["nice"] = os.nice(0)
     folder = WORK / "out-processes"
     start = time.monotonic()
     with LocalDeployment(REPO, num_nodes=2, tls=False, auth=False, isolation="loopback",
                          workdir=WORK / "processes") as dep:
-        handle = dep.start_run(run_config(str(folder), 2))
+        handle = dep.start_run(run_config(str(folder), TIMED_ROUNDS))
         metrics = folder / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and '"round": 1' in metrics.read_text(), 900,
                    "the processes' round 1", step=0.2)
@@ -339,7 +349,7 @@ def process_baseline() -> None:
         if not result.ok:
             raise SystemExit(f"the process run failed: {result.logs[-3000:]}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = check_completed(rows, 2, "processes")
+    rows = check_completed(rows, TIMED_ROUNDS, "processes")
     figures["processes_round_s"] = [round(r["time_round"], 2) for r in rows]
     say(f"processes: round times {figures['processes_round_s']} s")
 
@@ -425,27 +435,29 @@ def table() -> str:
     mean_c, mean_p = sum(cont) / len(cont), sum(proc) / len(proc)
     f["ratio"] = round(mean_c / mean_p, 2)
     build = f"{f['build_s']} s" if "build_s" in f else "(image reused)"
+    n = len(cont)
     return "\n".join([
         f"Last `make docker-test` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
-        f"{os.cpu_count()} CPU cores, no GPU, {CLI_NAME}); the same 2-round FedIT run of "
-        "`model=tiny` (2 nodes, tests/test_deployment_e2e.py's settings) in containers and "
-        "as processes (LocalDeployment, loopback), one after the other:",
+        f"{os.cpu_count()} CPU cores, no GPU, {CLI_NAME}). The same {n}-round FedIT run of "
+        "`model=tiny` (2 nodes, tests/test_deployment_e2e.py's settings, no TLS) in containers "
+        "and as processes (LocalDeployment, loopback), one after the other, both at nice "
+        f"{f['nice']} (the engine's):",
         "",
         "| figure | value |",
         "|---|---|",
         f"| image build, no cache, from the wheelhouse (no index) | {build} |",
         f"| image size (`docker image inspect`) | {f['image_mb']} MB, of which the base "
         f"python:3.11-slim {f['base_mb']} MB |",
-        f"| time to first round: `up -d` to round 1's summary line, containers | "
+        f"| time to first round, containers: `up -d` to round 1's summary line | "
         f"{f['containers_first_round_s']} s |",
-        f"| time to first round: LocalDeployment start to round 1's row, processes | "
+        f"| time to first round, processes: LocalDeployment start to round 1's row | "
         f"{f['processes_first_round_s']} s |",
-        f"| round time (`time_round`, rounds 1, 2), containers | "
-        f"{', '.join(f'{x:.2f}' for x in cont)} s |",
-        f"| round time (`time_round`, rounds 1, 2), processes | "
-        f"{', '.join(f'{x:.2f}' for x in proc)} s |",
+        f"| round time (`time_round`, rounds 1-{n}), containers | "
+        f"{', '.join(f'{x:.2f}' for x in cont)} s (mean {mean_c:.2f}) |",
+        f"| round time (`time_round`, rounds 1-{n}), processes | "
+        f"{', '.join(f'{x:.2f}' for x in proc)} s (mean {mean_p:.2f}) |",
         f"| mean round time, containers / processes | {f['ratio']}x (target <= 1.2x) |",
-        f"| SuperNode killed in round 2: kill to the second round after its restart | "
+        f"| SuperNode container killed in round 2: kill to the 2nd round after its restart | "
         f"{f['rejoin_s']} s |",
     ])
 
