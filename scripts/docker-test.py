@@ -46,6 +46,7 @@ DOCKER = REPO / "docker"
 WORK = REPO / ".docker-test"
 PROJECT = "fedinstruct-test"  # never the user's own `fedinstruct` project
 IMAGE = "fedinstruct:cpu"
+TORCH, TORCH_CPU_INDEX = "torch==2.13.0", "https://download.pytorch.org/whl/cpu"
 PLAIN = ("compose.yaml",)
 SECURE = ("compose.yaml", "compose.tls.yaml")
 GPU = ("compose.yaml", "compose.tls.yaml", "compose.gpu.yaml")
@@ -143,7 +144,15 @@ def wheelhouse() -> None:
     deps = sh(*req).split()
     build = sh(*req, "--build").split()
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels)]
-    sh(*pip, "torch==2.13.0", "setuptools", "wheel", *build, "-c",
+    # torch's CPU build: from its own index, else what this pip finds (PyPI's Linux torch is
+    # the CUDA build, which the image does not want).
+    if subprocess.run([*pip, "--no-deps", TORCH, "--index-url", TORCH_CPU_INDEX],
+                      capture_output=True, timeout=3600).returncode != 0:
+        sh(*pip, "--no-deps", TORCH, timeout=3600)
+    if not any("+cpu" in p.name for p in wheels.glob("torch-*.whl")):
+        raise SystemExit(f"no CPU build of {TORCH} in wheels/: put one there "
+                         f"(pip download --no-deps {TORCH} --index-url {TORCH_CPU_INDEX})")
+    sh(*pip, "--find-links", str(wheels), TORCH, "setuptools", "wheel", *build, "-c",
        str(DOCKER / "constraints.txt"), *deps, timeout=3600)
     sh(*pip, "--no-deps", *sh(*req, "--no-deps-only").split(), timeout=3600)
     figures["wheelhouse_s"] = round(time.monotonic() - start)
@@ -297,7 +306,16 @@ def check_completed(rows: list[dict], rounds: int, what: str) -> list[dict]:
     return trained
 
 
-def plain_federation() -> None:
+def record(side: str, first_round_s: float, rows: list[dict]) -> None:
+    """One timed run's figures, with the host's load average (other work on the machine)."""
+    entry = figures.setdefault(side, [])
+    assert isinstance(entry, list)
+    entry.append({"first_round_s": round(first_round_s, 1),
+                  "round_s": [round(r["time_round"], 2) for r in rows],
+                  "load": round(os.getloadavg()[0], 1)})
+
+
+def plain_federation(pair: int) -> None:
     compose = Compose(PLAIN)
     start = time.monotonic()
     compose("up", "-d", "--no-build")
@@ -313,18 +331,18 @@ def plain_federation() -> None:
     first = run.seen(rf"round 1/{n} \|")
     if first is None or run.seen(rf"round {n}/{n} \|") is None:
         raise SystemExit(f"plain run did not complete {n} rounds:\n{log[-3000:]}")
-    figures["containers_first_round_s"] = round(first - start, 1)
-    rows = check_completed(copy_out(compose, "plain", WORK / "out-plain"), n, "plain")
-    figures["containers_round_s"] = [round(r["time_round"], 2) for r in rows]
-    say(f"plain: {n} FedIT rounds, round times {figures['containers_round_s']} s; run folder "
-        f"copied out of the outputs volume to {WORK / 'out-plain'}")
+    out = WORK / f"out-plain-{pair}"
+    rows = check_completed(copy_out(compose, "plain", out), n, "plain")
+    record("containers", first - start, rows)
+    say(f"plain: {n} FedIT rounds, round times {[round(r['time_round'], 2) for r in rows]} s; "
+        f"run folder copied out of the outputs volume to {out}")
     runs = flwr_json("plain", "ls").get("runs", [])
     if len(runs) != 1 or runs[0].get("status") != "finished:completed":
         raise SystemExit(f"plain: run status {runs}")
     down_leaves_nothing(compose)
 
 
-def process_baseline() -> None:
+def process_baseline(pair: int) -> None:
     sys.path.insert(0, str(REPO))
     import psutil
 
@@ -336,22 +354,25 @@ def process_baseline() -> None:
     if engine and engine[0] > os.nice(0):
         os.nice(engine[0] - os.nice(0))
     figures["nice"] = os.nice(0)
-    folder = WORK / "out-processes"
+    folder = WORK / f"out-processes-{pair}"
     start = time.monotonic()
+    # As in the containers: an empty model cache (the tiny model and SmolLM2's tokenizer are
+    # made on first use), no model hub.
+    env = {"FEDINSTRUCT_CACHE": str(WORK / f"processes-cache-{pair}"), "HF_HUB_OFFLINE": "1"}
     with LocalDeployment(REPO, num_nodes=2, tls=False, auth=False, isolation="loopback",
-                         workdir=WORK / "processes") as dep:
+                         workdir=WORK / "processes", env=env) as dep:
         handle = dep.start_run(run_config(str(folder), TIMED_ROUNDS))
         metrics = folder / "metrics.jsonl"
         wait_until(lambda: metrics.exists() and '"round": 1' in metrics.read_text(), 900,
                    "the processes' round 1", step=0.2)
-        figures["processes_first_round_s"] = round(time.monotonic() - start, 1)
+        first = time.monotonic()
         result = handle.wait(900)
         if not result.ok:
             raise SystemExit(f"the process run failed: {result.logs[-3000:]}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     rows = check_completed(rows, TIMED_ROUNDS, "processes")
-    figures["processes_round_s"] = [round(r["time_round"], 2) for r in rows]
-    say(f"processes: round times {figures['processes_round_s']} s")
+    record("processes", first - start, rows)
+    say(f"processes: round times {[round(r['time_round'], 2) for r in rows]} s")
 
 
 def files_in(compose: Compose, service: str) -> set[str]:
@@ -431,34 +452,41 @@ def gpu_overlay() -> None:
 # --------------------------------------------------------------------------------- report
 def table() -> str:
     f = figures
-    cont, proc = f["containers_round_s"], f["processes_round_s"]
-    mean_c, mean_p = sum(cont) / len(cont), sum(proc) / len(proc)
+
+    def side(name: str) -> tuple[float, str, str, str]:
+        runs = f[name]
+        rounds = [x for run in runs for x in run["round_s"]]
+        return (sum(rounds) / len(rounds),
+                "; ".join(", ".join(f"{x:.2f}" for x in run["round_s"]) for run in runs),
+                ", ".join(f"{run['first_round_s']}" for run in runs),
+                ", ".join(f"{run['load']}" for run in runs))
+
+    mean_c, rounds_c, first_c, load_c = side("containers")
+    mean_p, rounds_p, first_p, load_p = side("processes")
     f["ratio"] = round(mean_c / mean_p, 2)
     build = f"{f['build_s']} s" if "build_s" in f else "(image reused)"
-    n = len(cont)
+    pairs, n = len(f["containers"]), TIMED_ROUNDS
     return "\n".join([
         f"Last `make docker-test` ({time.strftime('%Y-%m-%d', time.gmtime())}, "
         f"{os.cpu_count()} CPU cores, no GPU, {CLI_NAME}). The same {n}-round FedIT run of "
         "`model=tiny` (2 nodes, tests/test_deployment_e2e.py's settings, no TLS) in containers "
-        "and as processes (LocalDeployment, loopback), one after the other, both at nice "
-        f"{f['nice']} (the engine's):",
+        f"and as processes (LocalDeployment, loopback), alternated {pairs} times, each with an "
+        f"empty model cache, all at nice {f['nice']} (the engine's); the load average (1 min) "
+        "at the end of each run shows what else the machine was doing:",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| image build, no cache, from the wheelhouse (no index) | {build} |",
-        f"| image size (`docker image inspect`) | {f['image_mb']} MB, of which the base "
-        f"python:3.11-slim {f['base_mb']} MB |",
-        f"| time to first round, containers: `up -d` to round 1's summary line | "
-        f"{f['containers_first_round_s']} s |",
-        f"| time to first round, processes: LocalDeployment start to round 1's row | "
-        f"{f['processes_first_round_s']} s |",
-        f"| round time (`time_round`, rounds 1-{n}), containers | "
-        f"{', '.join(f'{x:.2f}' for x in cont)} s (mean {mean_c:.2f}) |",
-        f"| round time (`time_round`, rounds 1-{n}), processes | "
-        f"{', '.join(f'{x:.2f}' for x in proc)} s (mean {mean_p:.2f}) |",
-        f"| mean round time, containers / processes | {f['ratio']}x (target <= 1.2x) |",
-        f"| SuperNode container killed in round 2: kill to the 2nd round after its restart | "
-        f"{f['rejoin_s']} s |",
+        "| figure | containers | processes |",
+        "|---|---|---|",
+        f"| image build, no cache, from the wheelhouse (no index) | {build} | |",
+        f"| image size (`docker image inspect`) | {f['image_mb']} MB (base "
+        f"python:3.11-slim {f['base_mb']} MB) | |",
+        f"| time to first round (`up -d` or LocalDeployment start to round 1's result), per "
+        f"run | {first_c} s | {first_p} s |",
+        f"| round time (`time_round`, rounds 1-{n}), per run | {rounds_c} s | {rounds_p} s |",
+        f"| mean round time | {mean_c:.2f} s | {mean_p:.2f} s |",
+        f"| **containers / processes** | **{f['ratio']}x** (target <= 1.2x) | |",
+        f"| load average per run | {load_c} | {load_p} |",
+        f"| SuperNode container killed in round 2 (TLS, node auth): kill to the 2nd round "
+        f"after its restart | {f['rejoin_s']} s | |",
     ])
 
 
@@ -479,6 +507,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reuse-image", action="store_true", help="skip the build if present")
     parser.add_argument("--keep", action="store_true", help="keep .docker-test/")
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="timed runs in containers and as processes, alternated")
     args = parser.parse_args()
     os.chdir(REPO)
     sh("docker", "info", "--format", "{{.ServerVersion}}")
@@ -494,8 +524,9 @@ def main() -> None:
         build_image(args.reuse_image)
         prepare()
         gpu_overlay()
-        plain_federation()
-        process_baseline()
+        for pair in range(args.pairs):  # alternated: both sides see the same outside load
+            plain_federation(pair)
+            process_baseline(pair)
         secure_federation()
     finally:
         for files in (PLAIN, SECURE):
