@@ -3,9 +3,10 @@ the capacity control as local training grows, with 95% intervals and paired diff
 
     # the fuller version (3 clients, 10 rounds x 5 steps, 300 held-out rows; hours)
     python bench/study_fedbiot.py --data ../shared/data/dolly15k-fedit10 --rounds 10
-    # what ran for the README (2 cores); seeds may run in separate processes
-    python bench/study_fedbiot.py --data ../shared/data/dolly15k-fedit10 --clients 2 --rounds 3 \
-        --steps 5 --loss-rows 96 --rouge-rows 8 --seeds 1 2 3
+    # what ran for the README (2 shared cores); seeds may run in separate processes
+    python bench/study_fedbiot.py --data ../shared/data/dolly15k-fedit10 --clients 2 --rounds 2 \
+        --steps 5 --loss-rows 32 --rouge-rows 4 --max-new-tokens 16 --align-steps 10 \
+        --public-samples 64 --variants FedIT FedBiOT control --seeds 1 2 3
     python bench/study_fedbiot.py --report         # the tables, from bench/results/fedbiot.jsonl
     python bench/study_fedbiot.py --data ../shared/data/dolly15k-fedit10 --quick   # plumbing
 

@@ -2,9 +2,9 @@
 
     # the full version (all ~1,400 rows per client, 10 rounds, 3 seeds; hours on 2 cores)
     python bench/study_fedhds.py --data ../shared/data/dolly15k-fedit10
-    # what ran for the README (2 cores, ~7 min per seed); seeds may run in separate processes
+    # what ran for the README (2 shared cores); seeds may run in separate processes
     python bench/study_fedhds.py --data ../shared/data/dolly15k-fedit10 --rows 200 --rounds 2 \
-        --steps 1 --loss-rows 96 --rouge-rows 8 --seeds 1 2 3
+        --steps 1 --loss-rows 32 --rouge-rows 4 --seeds 1 2 3
     python bench/study_fedhds.py --report          # the tables, from bench/results/fedhds.jsonl
     python bench/study_fedhds.py --data ../shared/data/dolly15k-fedit10 --quick   # plumbing
 
