@@ -204,7 +204,10 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_seed(args: argparse.Namespace, seed: int, data: Path, runs: Path,
              info: dict[str, Any]) -> None:
-    variants = [FEDIT, TURBO, RANDOM] + ([FEDHDS] if args.llm_features else [])
+    variants = [v for v in (FEDIT, TURBO, RANDOM) if v in args.variants]
+    variants += [FEDHDS] if args.llm_features else []
+    if RANDOM in variants and TURBO not in variants:
+        raise SystemExit("Random matches the same seed's FedHDS-Turbo run: run both")
     folders = {v: runs / f"seed{seed}-{i}-{v.split(' ')[0]}" for i, v in enumerate(variants)}
     for variant in variants:
         print(f"\n### seed {seed}: {variant}", flush=True)
@@ -258,6 +261,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="print the tables and stop")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--variants", nargs="+", default=[FEDIT, TURBO, RANDOM],
+                   choices=[FEDIT, TURBO, RANDOM])
     p.add_argument("--quick", action="store_true", help="tiny model, 4 clients: plumbing only")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--split", choices=["fedit", "dirichlet"], default="fedit")
