@@ -209,26 +209,33 @@ def report(path: Path) -> str:
             v[r["variant"]].append(r)
         rounds = range(s["rounds"] + 1)
         out += [f"## FedBiOT study: {json.dumps(s)}", ""]
+        curve = [(name, label) for name, label in (
+            (FEDIT, "FedIT"), (CONTROL, "control (last K layers)"), (BIOT, "FedBiOT AdapFu"),
+            (NOALIGN, "FedBiOT AdapFu, no alignment")) if v[name]]
         for measure, title in (("loss", "held-out loss"), ("rougeL", "Rouge-L")):
             out += [f"AdapFu {title} against cumulative local steps (mean ± 95% over seeds):",
-                    "", "| round | local steps | FedIT | control (last K layers) | FedBiOT AdapFu "
-                    "| FedBiOT AdapFu, no alignment |", "|---|---|---|---|---|---|"]
+                    "", "| round | local steps | " + " | ".join(label for _, label in curve)
+                    + " |", "|---|---|" + "---|" * len(curve)]
             for r in rounds:
-                cells = [_cell(v[name], f"{measure}_r{r}") for name in
-                         (FEDIT, CONTROL, BIOT, NOALIGN)]
+                cells = [_cell(v[name], f"{measure}_r{r}") for name, _ in curve]
                 out.append(f"| {r} | {r * s['steps']} | " + " | ".join(cells) + " |")
             out.append("")
+        emu = [(BIOT, f"emu_{m}_r{{}}", f"AdapEmu {t}") for m, t in
+               (("loss", "loss"), ("rougeL", "Rouge-L"))]
+        if v[NOALIGN]:
+            emu += [(NOALIGN, f"emu_{m}_r{{}}", f"AdapEmu {t}, no alignment") for m, t in
+                    (("loss", "loss"), ("rougeL", "Rouge-L"))]
         out += ["AdapEmu (emulator + adapter) against alignment steps (FedBiOT's round r has "
-                "had pre + r x align steps; the no-alignment run the same local training and "
-                "none):", "",
-                "| round | alignment steps | alignment loss (held-back public rows) "
-                "| AdapEmu loss | AdapEmu loss, no alignment | AdapEmu Rouge-L "
-                "| AdapEmu Rouge-L, no alignment |", "|---|---|---|---|---|---|---|"]
+                "had pre + r x align steps and r rounds of local training"
+                + ("; the no-alignment run the same local training and no alignment" if
+                   v[NOALIGN] else "") + "):", "",
+                "| round | alignment steps | alignment loss after (held-back public rows) | "
+                + " | ".join(label for _, _, label in emu) + " |",
+                "|---|---|---|" + "---|" * len(emu)]
         for r in rounds:
             steps = stats.by_seed(v[BIOT], f"align_r{r}")
-            cells = [_cell(v[BIOT], f"align_loss_r{r}"),
-                     _cell(v[BIOT], f"emu_loss_r{r}"), _cell(v[NOALIGN], f"emu_loss_r{r}"),
-                     _cell(v[BIOT], f"emu_rougeL_r{r}"), _cell(v[NOALIGN], f"emu_rougeL_r{r}")]
+            cells = [_cell(v[BIOT], f"align_loss_r{r}")]
+            cells += [_cell(v[name], pattern.format(r)) for name, pattern, _ in emu]
             label = str(int(next(iter(steps.values())))) if steps else "n/a"
             out.append(f"| {r} | {label} | " + " | ".join(cells) + " |")
         pairs = []
@@ -247,6 +254,17 @@ def report(path: Path) -> str:
             out += stats.paired_table([(f"r{r}: AdapEmu - AdapEmu no alignment", v[BIOT],
                                         v[NOALIGN])],
                                       [(f"emu_loss_r{r}", False), (f"emu_rougeL_r{r}", True)])[2:]
+        for r in rounds[1:]:  # within a run, against its own round 0 (same seed)
+            for name, measure, label in ((BIOT, "emu_loss", "AdapEmu loss"),
+                                         (BIOT, "loss", "AdapFu loss"),
+                                         (CONTROL, "loss", "control loss"),
+                                         (FEDIT, "loss", "FedIT loss")):
+                mean, half, n = stats.paired(stats.by_seed(v[name], f"{measure}_r{r}"),
+                                             stats.by_seed(v[name], f"{measure}_r0"))
+                if n:
+                    out.append(f"| {label}: round {r} - round 0 | {measure}_r{r} "
+                               f"| {stats.fmt(mean, half)} | {n} "
+                               f"| {stats.verdict(mean, half, higher_is_better=False)} |")
         times = ", ".join(f"{name} {_cell(v[name], 'wall_s', 0)} s" for name in VARIANTS if v[name])
         align = _cell(v[BIOT], "align_s", 0)
         out += ["", f"Whole run (mean ± 95%): {times}; of FedBiOT's, alignment {align} s.", ""]
