@@ -1,8 +1,8 @@
 #!/bin/sh
 # Entrypoint of the fedinstruct images: one image, every role.
-#   superlink ARGS...        flower-superlink ARGS
-#   supernode ARGS...        flower-supernode ARGS, its ClientApp processes forked from a warm
+#   superlink ARGS...        flower-superlink ARGS, its ServerApp processes forked from a warm
 #                            app server (fedinstruct.deploy.warm; FEDINSTRUCT_WARM=0: off)
+#   supernode ARGS...        flower-supernode ARGS, its ClientApp processes likewise
 #   serverapp|superexec ...  flower-superexec ARGS (ServerApp/ClientApp runner for
 #                            `--isolation process` deployments)
 #   register ADDRESS CA PUB...  register SuperNode public keys with the SuperLink at ADDRESS
@@ -42,29 +42,35 @@ register() {
   done
 }
 
-warm_supernode() {
+warm_server() {  # $1: the Flower command it serves (flwr-clientapp, flwr-serverapp), $2: the app
   # Until the server is up (or if it fails) the launchers run Flower's command cold.
   # A fresh folder of its own, mode 700 (the server refuses a folder others can enter; short:
   # Unix socket paths are limited); it also holds the server's prewarm hints (node.hint.json).
   dir=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/fedinstruct-warm.XXXXXX")
   sock=$dir/node.sock
   shims=$dir/bin
-  python -m fedinstruct.deploy.warm flwr-clientapp --socket "$sock" --shims "$shims" \
-    --app fedinstruct.client_app --exit-with-parent &
+  python -m fedinstruct.deploy.warm "$1" --socket "$sock" --shims "$shims" \
+    --app "$2" --exit-with-parent &
   PATH=$shims:$PATH
   FEDINSTRUCT_WARM_SOCKET=$sock
   export PATH FEDINSTRUCT_WARM_SOCKET
 }
 
+serves() {  # false for --help/--version: nothing to serve
+  case " $* " in
+    *" --help "* | *" -h "* | *" --version "* | *" -V "*) return 1 ;;
+  esac
+  [ "${FEDINSTRUCT_WARM:-1}" != 0 ]
+}
+
 role=${1:-}
 [ $# -gt 0 ] && shift
 case $role in
-  superlink) exec flower-superlink "$@" ;;
+  superlink)
+    if serves "$@"; then warm_server flwr-serverapp fedinstruct.server_app; fi
+    exec flower-superlink "$@" ;;
   supernode)
-    case " $* " in
-      *" --help "* | *" -h "* | *" --version "* | *" -V "*) ;;  # nothing to serve
-      *) [ "${FEDINSTRUCT_WARM:-1}" = 0 ] || warm_supernode ;;
-    esac
+    if serves "$@"; then warm_server flwr-clientapp fedinstruct.client_app; fi
     exec flower-supernode "$@" ;;
   serverapp | superexec) exec flower-superexec "$@" ;;
   register) register "$@" ;;
