@@ -249,6 +249,10 @@ def report(path: Path) -> str:
                  for a, b in ((TURBO, RANDOM), (TURBO, FEDIT), (RANDOM, FEDIT),
                               (FEDHDS, RANDOM), (FEDHDS, FEDIT))
                  if a in by_variant and b in by_variant]
+        if base:  # the base model is seed-independent: the same value paired with every seed
+            seeds = sorted({r["seed"] for v in order for r in by_variant[v]})
+            same = [{"seed": seed, "metrics": base[-1]["metrics"]} for seed in seeds]
+            pairs += [(f"{v} - base model", by_variant[v], same) for v in order]
         out += ["", "Paired over seeds (A - B; loss: lower is better):", ""]
         out += stats.paired_table(pairs, [("loss", False), ("rougeL", True)])
         out.append("")
