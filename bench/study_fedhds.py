@@ -212,7 +212,7 @@ def run_seed(args: argparse.Namespace, seed: int, data: Path, runs: Path,
     for variant in variants:
         print(f"\n### seed {seed}: {variant}", flush=True)
         folder, rows, wall = federate(overrides(args, seed, variant, data, folders[variant],
-                                                match_run=folders[TURBO]))
+                                                match_run=folders.get(TURBO)))
         record = {"study": "fedhds", "seed": seed, "variant": variant,
                   "settings": settings_of(args), "data": info,
                   "metrics": {**score(folder), **summarize(rows, wall)},
