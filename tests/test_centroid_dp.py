@@ -166,6 +166,7 @@ def test_fedhds_with_dp_centroids_runs_and_charges_the_accountant(tiny_config) -
     z = 0.8
     cfg = tiny_config("selection=fedhds", "selection.fedhds.reducer=pca",
                       "privacy.centroid_dp=true", f"privacy.centroid_noise_multiplier={z}",
+                      "selection.fedhds.keep_noise=true",  # noise may leave no cluster
                       "num_rounds=2", "train.local_steps=2", "dataset.samples_per_client=30",
                       "eval.every=0")
     folder = simulate(cfg)

@@ -62,3 +62,20 @@ def test_random_matches_another_runs_counts_client_by_client(tiny_config, tmp_pa
     bad = tiny_config("selection=random", f"selection.random.match_run={tmp_path / 'none'}")
     with pytest.raises(ConfigError, match="selection.random.match_run"):
         random_count_schedule(bad)
+
+
+def test_a_selection_of_only_noise_keeps_the_adapter_and_the_run_going(tiny_config):
+    """Server clustering that finds no cluster (e.g. under centroid noise) selects nothing: the
+    round leaves the adapter as it was, and the run goes on instead of failing."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_config("selection=fedhds", "selection.fedhds.server_min_cluster_size=1000",
+                      "num_rounds=2", "train.local_steps=1", "dataset.samples_per_client=20",
+                      "eval.every=0")
+    folder = simulate(cfg)
+    rows = _rows(folder)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["local_clusters"] > 0 and r["train_samples"] == 0 for r in rows)
+    lora_b = {k: t for k, t in load_file(
+        folder / "adapters" / "final" / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora_b and all(not t.any() for t in lora_b.values())  # peft's initial B is zero
