@@ -489,7 +489,7 @@ def table() -> str:
         f"run | {first_c} s | {first_p} s |",
         f"| round time (`time_round`, rounds 1-{n}), per run | {rounds_c} s | {rounds_p} s |",
         f"| mean round time | {mean_c:.2f} s | {mean_p:.2f} s |",
-        f"| **containers / processes** | **{f["ratio"]:.2f}x** (target <= 1.2x) | |",
+        f"| **containers / processes** | **{f['ratio']:.2f}x** (target <= 1.2x) | |",
         f"| load average per run | {load_c} | {load_p} |",
         f"| SuperNode container killed mid-round (TLS, node auth): kill to the 2nd round "
         f"after the one it was lost in | {f['rejoin_s']} s | |",
