@@ -75,7 +75,7 @@ def test_a_selection_of_only_noise_keeps_the_adapter_and_the_run_going(tiny_conf
     folder = simulate(cfg)
     rows = _rows(folder)
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["local_clusters"] > 0 and r["train_samples"] == 0 for r in rows)
+    assert all(r["train_samples"] == 0 for r in rows)  # nothing selected, nothing trained
     lora_b = {k: t for k, t in load_file(
         folder / "adapters" / "final" / "adapter_model.safetensors").items() if "lora_B" in k}
     assert lora_b and all(not t.any() for t in lora_b.values())  # peft's initial B is zero
