@@ -203,8 +203,8 @@ class FederatedRun:
         if updates and all(u.weight <= 0 for u in updates):
             # not an attack: the selection left every node without a sample (FedHDS when
             # the server's clustering finds only noise), so the round keeps the adapter
-            log.warning("%s: no node had a sample to train on; the global adapter is unchanged"
-                        "%s", label, _empty_selection_hint(cfg))
+            log.warning("%s: no node had a sample to train on; the global adapter is unchanged",
+                        label)
             aggregated, train_metrics = None, None
         else:
             aggregated, train_metrics = self.strategy.aggregate_train(
@@ -308,13 +308,6 @@ class FederatedRun:
         if self.method.privacy is not None:
             tensors["privacy/releases"] = torch.from_numpy(self.method.privacy.state())
         self.output.save_checkpoint(server_round, tensors, state)
-
-
-def _empty_selection_hint(cfg: RunConfig) -> str:
-    if cfg.selection.name == "fedhds" and not cfg.selection.fedhds.keep_noise:
-        return (" (the server's clustering of the centroids found no cluster; "
-                "selection.fedhds.keep_noise=true keeps every outlier)")
-    return ""
 
 
 def _train_row(updates: list[TrainUpdate], train_metrics) -> dict[str, Any]:

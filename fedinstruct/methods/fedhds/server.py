@@ -150,6 +150,10 @@ class FedHDSSelection(ServerSelection):
         row["time_server_clustering"] = time.perf_counter() - start
         row["local_clusters"] = int(sum(len(p[0]) for p in payload.values()))
         row["selected_clusters"] = int(sum(len(v) for v in selected.values()))
+        if row["local_clusters"] and not row["selected_clusters"]:  # only without keep_noise
+            log.warning("selection: the server's clustering of %d centroids found no cluster; "
+                        "no node has a row to train on (selection.fedhds.keep_noise=true keeps "
+                        "every outlier)", row["local_clusters"])
         row["time_select_clients"] = client_seconds
         return selected
 
