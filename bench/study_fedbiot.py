@@ -51,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stats  # noqa: E402  (bench/stats.py)
+from study_runs import common_overrides  # noqa: E402
 
 FEDIT, BIOT, NOALIGN, CONTROL = "FedIT", "FedBiOT", "FedBiOT, no alignment", "control"
 VARIANTS = (FEDIT, BIOT, NOALIGN, CONTROL)
@@ -100,24 +101,8 @@ def write_data(args: argparse.Namespace, target: Path) -> dict[str, Any]:
 def overrides(args: argparse.Namespace, seed: int, variant: str, data: Path,
               folder: Path) -> list[str]:
     common = [
-        f"seed={seed}",
-        f"num_rounds={args.rounds}",
-        f"output_dir={folder}",
-        f"model={args.model}",
-        "model.quantization=none",  # CPU: bitsandbytes' NF4 is several times slower than fp32
-        "dataset=dolly",
-        "dataset.partitioner=prepartitioned",
-        f"dataset.source={data}",
-        *(f"federation.{key}={args.clients}"
-          for key in ("num_clients", "min_train_nodes", "min_available_nodes")),
-        "federation.client_cpus=1",
-        f"train.local_steps={args.steps}",
-        f"train.batch_size={args.batch_size}",
-        f"train.max_length={args.max_length}",
+        *common_overrides(args, seed, data, folder),
         "eval.every=1",
-        "eval.max_samples=0",
-        f"eval.generate_samples={args.rouge_rows}",
-        f"eval.max_new_tokens={args.max_new_tokens}",
     ]
     if args.quick:
         common += ["model.tiny.num_hidden_layers=6"]

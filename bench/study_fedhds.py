@@ -51,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stats  # noqa: E402  (bench/stats.py)
+from study_runs import common_overrides  # noqa: E402
 
 FEDIT, TURBO, RANDOM, FEDHDS = "FedIT-all", "FedHDS-Turbo", "Random", "FedHDS (LLM features)"
 RESULTS = Path(__file__).resolve().parent / "results" / "fedhds.jsonl"
@@ -123,25 +124,9 @@ def write_split(args: argparse.Namespace, target: Path) -> dict[str, Any]:
 def overrides(args: argparse.Namespace, seed: int, variant: str, data: Path, folder: Path,
               match_run: Path | None = None) -> list[str]:
     common = [
-        f"seed={seed}",
-        f"num_rounds={args.rounds}",
-        f"output_dir={folder}",
-        f"model={args.model}",
-        "model.quantization=none",  # CPU: bitsandbytes' NF4 is several times slower than fp32
-        "dataset=dolly",
-        "dataset.partitioner=prepartitioned",
-        f"dataset.source={data}",
-        *(f"federation.{key}={args.clients}"
-          for key in ("num_clients", "min_train_nodes", "min_available_nodes")),
-        "federation.client_cpus=1",
-        f"train.local_steps={args.steps}",
-        f"train.batch_size={args.batch_size}",
-        f"train.max_length={args.max_length}",
+        *common_overrides(args, seed, data, folder),
         f"train.template={TEMPLATE}",
         "eval.every=0",  # scored once, after the run, by this process (see score())
-        "eval.max_samples=0",
-        f"eval.generate_samples={args.rouge_rows}",
-        f"eval.max_new_tokens={args.max_new_tokens}",
         f"selection.reselect_every={args.reselect_every}",
     ]
     if variant == FEDIT:
